@@ -1,0 +1,1 @@
+"""The HTTP API: the public contract (schemas), routes, probes and middleware."""

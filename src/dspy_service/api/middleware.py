@@ -1,0 +1,120 @@
+"""Request context as plain ASGI middleware: request ID, body-size limit, one access-log line.
+
+The request ID comes from a valid `X-Request-ID` header, else a new UUID; a handler may replace it
+(from the body's `request_id`) through `scope["state"]["request_id"]` before it responds. It is
+echoed in the `X-Request-ID` response header and bound to every log line of the request.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dspy_service.logs import get_logger
+from dspy_service.metrics import Metrics
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+_log = get_logger("dspy_service.access")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = None
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _VALID_ID.match(candidate):
+                    request_id = candidate
+            elif name == b"content-length":
+                content_length = value
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        log_fields: dict[str, Any] = {}
+        state["log"] = log_fields
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                rid = state["request_id"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        too_large = content_length is not None and (
+            not content_length.isdigit() or int(content_length) > self.max_body_bytes
+        )
+        if too_large:
+            await self._refuse_too_large(state, send_with_id)
+        else:
+            received = 0
+
+            async def limited_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        raise BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            except BodyTooLarge:
+                await self._refuse_too_large(state, send_with_id)
+        if scope["path"] in ("/health", "/ready", "/metrics") and status < 400:
+            structlog.contextvars.clear_contextvars()
+            return  # probes and scrapes would drown the request log
+        _log.info(
+            "request.completed",
+            method=scope["method"],
+            path=scope["path"],
+            status=status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            **log_fields,
+        )
+        structlog.contextvars.clear_contextvars()
+
+    async def _refuse_too_large(self, state: dict[str, Any], send: Send) -> None:
+        self.metrics.count_error("payload_too_large")
+        body = orjson.dumps(
+            {
+                "error": {
+                    "type": "payload_too_large",
+                    "message": f"request body exceeds MAX_BODY_BYTES ({self.max_body_bytes} bytes)",
+                    "request_id": state["request_id"],
+                }
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,52 @@
+"""Liveness, readiness and the Prometheus scrape."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dspy_service.api.deps import services_of
+from dspy_service.api.responses import JSONResponse
+
+
+async def health(request: Request) -> Response:
+    """Liveness: 200 while the process serves; the body says how its parts are doing."""
+    services = services_of(request)
+    link = services.redis_link
+    body = {
+        "status": "healthy",
+        "version": services.settings.service_version,
+        "uptime_secs": int(time.monotonic() - services.lifecycle.started_at),
+        "redis_connected": bool(link is not None and link.connected),
+        "python_initialized": True,
+        "cache_size": len(services.cache.memory),
+        "circuit_breakers": {name: breaker.state for name, breaker in services.breakers.items()},
+        "provider": services.provider_description,
+    }
+    if services.settings.uses_simulator:
+        body["warning"] = "no OPENAI_API_KEY: answers come from the built-in simulator, not a real model"
+    return JSONResponse(body)
+
+
+async def ready(request: Request) -> Response:
+    """Readiness: 503 while starting, while shutting down, or (with REDIS_REQUIRED) without Redis."""
+    services = services_of(request)
+    link = services.redis_link
+    redis_ok = link is not None and link.connected
+    checks = {
+        "started": services.lifecycle.started,
+        "accepting": not services.lifecycle.draining,
+        "redis": "connected" if redis_ok else ("required but unreachable" if services.settings.redis_required
+                                               else "optional, unreachable"),
+    }
+    ready_now = services.lifecycle.started and not services.lifecycle.draining
+    if services.settings.redis_required and not redis_ok:
+        ready_now = False
+    return JSONResponse({"ready": ready_now, "checks": checks}, status_code=200 if ready_now else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(services_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,111 @@
+"""`POST /v1/predict`, `GET /costs`, `GET /config`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dspy_service.api.deps import services_of
+from dspy_service.api.responses import JSONResponse
+from dspy_service.api.schemas import PredictRequest, describe_validation_error
+from dspy_service.errors import InvalidRequest
+from dspy_service.predictor import PredictionInput
+
+
+async def predict(request: Request) -> Response:
+    services = services_of(request)
+    body = await request.body()
+    try:
+        parsed = PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+    state = request.scope["state"]
+    if parsed.request_id is not None:
+        state["request_id"] = parsed.request_id
+        structlog.contextvars.bind_contextvars(request_id=parsed.request_id)
+    log_fields = state["log"]
+    log_fields["model"] = parsed.model
+    log_fields["variant"] = parsed.variant
+    lifecycle = services.lifecycle
+    lifecycle.in_flight += 1
+    try:
+        result = await services.predictor.predict(
+            PredictionInput(parsed.model, parsed.variant, parsed.input, parsed.parameters, parsed.use_cache)
+        )
+    finally:
+        lifecycle.in_flight -= 1
+    log_fields.update(
+        variant=result.variant,
+        model_served=result.model_served,
+        cache_level=result.cache_level,
+        coalesced=result.coalesced,
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        cost_usd=result.cost_usd,
+    )
+    payload: dict[str, Any] = {
+        "request_id": state["request_id"],
+        "model": result.model,
+        "model_served": result.model_served,
+        "variant": result.variant,
+        "output": result.output,
+        "outputs": result.outputs,
+        "metadata": {
+            "latency_ms": round(result.latency_ms, 3),
+            "cached": result.cache_level is not None,
+            "cache_level": result.cache_level,
+            "coalesced": result.coalesced,
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "cost_usd": result.cost_usd,
+            "cost_saved_usd": result.cost_saved_usd,
+            "cost_known": result.cost_usd is not None,
+            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        },
+    }
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+async def costs(request: Request) -> Response:
+    totals, scope = await services_of(request).ledger.snapshot()
+    return JSONResponse(totals, headers={"X-Costs-Scope": scope})
+
+
+async def config(request: Request) -> Response:
+    services = services_of(request)
+    models_config = services.models_config
+    view = {
+        "service": services.settings.public_view(),
+        "provider": services.provider_description,
+        "default_variant": models_config.default_variant,
+        "ab_testing_enabled": models_config.ab_testing_enabled,
+        "models": {
+            key: {
+                "name": spec.name,
+                "cost_per_1k_input_tokens": spec.cost_per_1k_input_tokens,
+                "cost_per_1k_output_tokens": spec.cost_per_1k_output_tokens,
+                "max_retries": spec.max_retries,
+                "request_timeout_secs": spec.request_timeout_secs,
+                "api_base": spec.api_base,
+                "api_key_env": spec.api_key_env,
+                "fallbacks": list(spec.fallbacks),
+            }
+            for key, spec in models_config.models.items()
+        },
+        "variants": {
+            key: {
+                "signature": spec.signature,
+                "module": spec.module,
+                "program": str(spec.program) if spec.program else None,
+                "fingerprint": services.programs[key].fingerprint,
+            }
+            for key, spec in models_config.variants.items()
+        },
+    }
+    return JSONResponse(view)

@@ -1,0 +1,93 @@
+"""`create_app(settings)`: the ASGI app, with its services built and handed down by the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dspy_service.api import probes, routes
+from dspy_service.api.responses import JSONResponse, error_body, error_response
+from dspy_service.errors import ServiceError
+from dspy_service.logs import get_logger
+from dspy_service.services import Services
+
+_log = get_logger("dspy_service.app")
+
+
+def _request_id(request: Request) -> str | None:
+    state = request.scope.get("state") or {}
+    return state.get("request_id")
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc, _request_id(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(kind, str(exc.detail), _request_id(request)), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    _log.exception("request.unexpected_error", error=type(exc).__name__)
+    services: Services = request.app.state.services
+    services.metrics.count_error("internal")
+    return JSONResponse(error_body("internal_error", "the service failed unexpectedly; see its logs",
+                                   _request_id(request)), status_code=500)
+
+
+def create_app(services: Services) -> Starlette:
+    from dspy_service.api.middleware import RequestContextMiddleware
+
+    settings = services.settings
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.start()
+        try:
+            yield
+        finally:
+            services.lifecycle.draining = True
+            await services.stop()
+
+    middleware = [
+        Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=services.metrics),
+    ]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                       allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+                       expose_headers=["X-Request-ID"], allow_credentials="*" not in settings.cors_origins)
+        )
+    middleware.append(Middleware(GZipMiddleware, minimum_size=1024))
+    app = Starlette(
+        routes=[
+            Route("/v1/predict", routes.predict, methods=["POST"]),
+            Route("/health", probes.health, methods=["GET"]),
+            Route("/ready", probes.ready, methods=["GET"]),
+            Route("/metrics", probes.metrics, methods=["GET"]),
+            Route("/costs", routes.costs, methods=["GET"]),
+            Route("/config", routes.config, methods=["GET"]),
+        ],
+        middleware=middleware,
+        exception_handlers={
+            ServiceError: _service_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,136 @@
+"""The response cache: its key, the in-process level, the Redis level, and the two together.
+
+Lookup order is memory, then Redis (a Redis hit is copied into memory), then the program. The Redis
+level fails open: while Redis is down or slow the cache is the memory level alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from cachetools import TTLCache
+
+from dspy_service.metrics import Metrics
+from dspy_service.redis_link import KEY_PREFIX, RedisLink
+
+CacheLevel = Literal["memory", "redis"]
+
+CACHE_KEY_PREFIX = KEY_PREFIX + "cache:"
+
+
+def cache_key(
+    *, model: str, model_id: str, variant: str, program_fingerprint: str, input_text: str, parameters: dict[str, Any]
+) -> str:
+    """One hash over everything that changes the answer, with `parameters` in canonical (sorted) form.
+
+    `model_id` is the provider model behind the public name and `program_fingerprint` the hash of the
+    program's state, so a re-pointed model or a re-optimized program never serves old answers.
+    """
+    material = orjson.dumps(
+        [model, model_id, variant, program_fingerprint, input_text, parameters], option=orjson.OPT_SORT_KEYS
+    )
+    return hashlib.blake2b(material, digest_size=20).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """What a prediction produced, as the cache keeps it."""
+
+    outputs: dict[str, Any]
+    output: Any
+    model_served: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            [self.outputs, self.output, self.model_served, self.input_tokens, self.output_tokens, self.cost_usd]
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CachedAnswer:
+        outputs, output, model_served, input_tokens, output_tokens, cost_usd = orjson.loads(raw)
+        return cls(outputs, output, model_served, int(input_tokens), int(output_tokens), cost_usd)
+
+
+class MemoryCache:
+    """Bounded LRU with one TTL for every entry (cachetools' TTLCache)."""
+
+    def __init__(self, max_entries: int, ttl_secs: float) -> None:
+        self._entries: TTLCache[str, CachedAnswer] | None = (
+            TTLCache(maxsize=max_entries, ttl=ttl_secs) if max_entries > 0 else None
+        )
+
+    def get(self, key: str) -> CachedAnswer | None:
+        return self._entries.get(key) if self._entries is not None else None
+
+    def set(self, key: str, answer: CachedAnswer) -> None:
+        if self._entries is not None:
+            self._entries[key] = answer
+
+    def __len__(self) -> int:
+        if self._entries is None:
+            return 0
+        self._entries.expire()
+        return len(self._entries)
+
+
+class RedisCache:
+    """The shared level: entries under one versioned prefix, each with REDIS_CACHE_TTL_SECS."""
+
+    def __init__(self, link: RedisLink, ttl_secs: int) -> None:
+        self._link = link
+        self._ttl = ttl_secs
+
+    @property
+    def available(self) -> bool:
+        return self._link.connected
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        raw = await self._link.call(lambda client: client.get(CACHE_KEY_PREFIX + key))
+        if raw is None:
+            return None
+        try:
+            return CachedAnswer.from_bytes(raw)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            return None  # an entry of another shape is a miss; the next set overwrites it
+
+    async def set(self, key: str, answer: CachedAnswer) -> None:
+        payload = answer.to_bytes()
+        await self._link.call(lambda client: client.set(CACHE_KEY_PREFIX + key, payload, ex=self._ttl))
+
+
+class TwoLevelCache:
+    def __init__(self, memory: MemoryCache, redis: RedisCache | None, metrics: Metrics) -> None:
+        self.memory = memory
+        self.redis = redis
+        self._metrics = metrics
+
+    def get_memory(self, key: str) -> CachedAnswer | None:
+        """The synchronous first level: the hot path checks it without awaiting anything."""
+        found = self.memory.get(key)
+        if found is None:
+            self._metrics.cache_miss_memory.inc()
+        else:
+            self._metrics.cache_hit_memory.inc()
+        return found
+
+    async def get_redis(self, key: str) -> CachedAnswer | None:
+        if self.redis is None or not self.redis.available:
+            return None
+        found = await self.redis.get(key)
+        if found is None:
+            self._metrics.cache_miss_redis.inc()
+            return None
+        self._metrics.cache_hit_redis.inc()
+        self.memory.set(key, found)
+        return found
+
+    async def set(self, key: str, answer: CachedAnswer) -> None:
+        self.memory.set(key, answer)
+        if self.redis is not None and self.redis.available:
+            await self.redis.set(key, answer)

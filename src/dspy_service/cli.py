@@ -1,0 +1,148 @@
+"""`dspy-service serve | simulate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+
+from dspy_service.errors import ConfigError
+from dspy_service.logs import configure_logging, get_logger
+
+_log = get_logger("dspy_service.cli")
+
+# After the drain, uvicorn closes idle keep-alive connections; this bounds that last step.
+_CONNECTION_CLOSE_SECS = 5
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM: readiness turns 503 at once, the listener stays open and in-flight predictions
+    finish (up to the grace period), then uvicorn stops, the lifespan flushes and the process exits 0.
+    A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, *, lifecycle: object, grace_secs: float) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._grace = grace_secs
+        self._drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_started is not None:
+            self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+            return
+        self._drain_started = time.monotonic()
+        self._lifecycle.draining = True  # type: ignore[attr-defined]
+        _log.info("service.draining", signal=signal.Signals(sig).name, grace_secs=self._grace,
+                  in_flight=self._lifecycle.in_flight)  # type: ignore[attr-defined]
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_started is not None and not self.should_exit:
+            in_flight: int = self._lifecycle.in_flight  # type: ignore[attr-defined]
+            waited = time.monotonic() - self._drain_started
+            if in_flight == 0 or waited >= self._grace:
+                _log.info("service.drained", waited_secs=round(waited, 3), still_in_flight=in_flight)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+async def _serve() -> int:
+    from dspy_service.app import create_app
+    from dspy_service.services import build_services
+    from dspy_service.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    simulator_server = None
+    base_url = None
+    if settings.uses_simulator:
+        from dspy_service.simulator import create_simulator_app
+
+        port = settings.simulator_port or _free_port("127.0.0.1")
+        base_url = f"http://127.0.0.1:{port}/v1"
+        simulator_server = uvicorn.Server(
+            uvicorn.Config(create_simulator_app(), host="127.0.0.1", port=port, log_config=None,
+                           access_log=False, lifespan="off")
+        )
+        _log.warning(
+            "provider.simulated",
+            detail="OPENAI_API_KEY is not set: predictions are answered by the built-in simulator, "
+            "not a real model. Set OPENAI_API_KEY (and optionally OPENAI_BASE_URL) for real answers.",
+            simulator=base_url,
+        )
+    try:
+        services = build_services(settings, base_url=base_url)
+    except ConfigError as exc:
+        print(f"dspy-service: configuration error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(services)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=_CONNECTION_CLOSE_SECS,
+        server_header=False,
+    )
+    server = GracefulServer(config, lifecycle=services.lifecycle, grace_secs=settings.shutdown_grace_secs)
+    simulator_task = None
+    if simulator_server is not None:
+        simulator_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        simulator_task = asyncio.create_task(simulator_server.serve())
+    try:
+        await server.serve()
+    finally:
+        if simulator_server is not None and simulator_task is not None:
+            simulator_server.should_exit = True
+            await simulator_task
+    return 0 if server.started else 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from dspy_service.simulator import Knobs, create_simulator_app
+
+    configure_logging("info", "json")
+    knobs = Knobs(
+        latency_ms=args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        error_rate=args.error_rate,
+        error_status=args.error_status,
+        hang=args.hang,
+    )
+    uvicorn.run(create_simulator_app(knobs), host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dspy-service", description="Serve DSPy programs over HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the HTTP service (configured from the environment)")
+    simulate = commands.add_parser("simulate", help="run the OpenAI-compatible provider simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8099)
+    simulate.add_argument("--latency-ms", type=float, default=0.0)
+    simulate.add_argument("--jitter-ms", type=float, default=0.0)
+    simulate.add_argument("--error-rate", type=float, default=0.0)
+    simulate.add_argument("--error-status", type=int, default=500)
+    simulate.add_argument("--hang", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return asyncio.run(_serve()) if sys.platform != "win32" else 1
+    return _simulate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

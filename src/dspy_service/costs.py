@@ -1,0 +1,224 @@
+"""Usage to cost, and the cost totals per `model:variant` (this replica's and the fleet's).
+
+Cost is computed from the provider's own token counts and the model's configured prices, else the
+price data DSPy ships; where no price is known the cost is None (reported as null), never zero.
+
+Totals are kept locally and, when Redis is configured, added to fleet-wide hashes in Redis every
+COSTS_FLUSH_INTERVAL_SECS. Deltas that could not reach Redis stay pending and are flushed when it
+returns, so an outage loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from dspy_service.logs import get_logger
+from dspy_service.models_config import ModelSpec
+from dspy_service.redis_link import KEY_PREFIX, RedisLink
+
+COSTS_PREFIX = KEY_PREFIX + "costs:"
+COSTS_INDEX = KEY_PREFIX + "costs-index"
+
+_log = get_logger("dspy_service.costs")
+
+PriceLookup = Callable[[str], "Price | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_per_token: float
+    output_per_token: float
+    source: str  # "configured" or "dspy"
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return input_tokens * self.input_per_token + output_tokens * self.output_per_token
+
+
+def configured_price(spec: ModelSpec) -> Price | None:
+    if spec.cost_per_1k_input_tokens is None or spec.cost_per_1k_output_tokens is None:
+        return None
+    return Price(spec.cost_per_1k_input_tokens / 1000, spec.cost_per_1k_output_tokens / 1000, "configured")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Provider-reported tokens of one prediction, summed over every LM call it made, and their cost."""
+
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    unpriced_models: tuple[str, ...] = ()
+
+
+def price_usage(usage_by_model: dict[str, tuple[int, int]], prices: PriceLookup) -> Usage:
+    """Sum tokens over the LMs a program called and price each LM's share with its own price."""
+    total_in = total_out = 0
+    cost: float | None = 0.0
+    unpriced: list[str] = []
+    for model_id, (input_tokens, output_tokens) in usage_by_model.items():
+        total_in += input_tokens
+        total_out += output_tokens
+        price = prices(model_id)
+        if price is None:
+            unpriced.append(model_id)
+            cost = None
+        elif cost is not None:
+            cost += price.cost(input_tokens, output_tokens)
+    return Usage(total_in, total_out, cost, tuple(unpriced))
+
+
+@dataclass(slots=True)
+class CostTotals:
+    total_requests: int = 0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    total_cost_usd: float = 0.0
+    cache_hits: int = 0
+    cost_saved_usd: float = 0.0
+    unpriced_requests: int = 0
+    last_updated: str | None = None
+
+    def add(self, other: CostTotals) -> None:
+        self.total_requests += other.total_requests
+        self.total_input_tokens += other.total_input_tokens
+        self.total_output_tokens += other.total_output_tokens
+        self.total_cost_usd += other.total_cost_usd
+        self.cache_hits += other.cache_hits
+        self.cost_saved_usd += other.cost_saved_usd
+        self.unpriced_requests += other.unpriced_requests
+        if other.last_updated and (self.last_updated is None or other.last_updated > self.last_updated):
+            self.last_updated = other.last_updated
+
+    def to_json(self) -> dict[str, Any]:
+        view = asdict(self)
+        view["total_cost_usd"] = round(self.total_cost_usd, 10)
+        view["cost_saved_usd"] = round(self.cost_saved_usd, 10)
+        return view
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes, bytes]) -> CostTotals:
+        totals = cls()
+        for field in fields(cls):
+            value = raw.get(field.name.encode())
+            if value is None:
+                continue
+            text = value.decode()
+            if field.name == "last_updated":
+                totals.last_updated = text
+            elif field.name in ("total_cost_usd", "cost_saved_usd"):
+                setattr(totals, field.name, float(text))
+            else:
+                setattr(totals, field.name, int(text))
+        return totals
+
+
+_INT_FIELDS = ("total_requests", "total_input_tokens", "total_output_tokens", "cache_hits", "unpriced_requests")
+_FLOAT_FIELDS = ("total_cost_usd", "cost_saved_usd")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class CostLedger:
+    def __init__(self, link: RedisLink | None, flush_interval_secs: float) -> None:
+        self._link = link
+        self._interval = flush_interval_secs
+        self._local: dict[str, CostTotals] = {}
+        self._pending: dict[str, CostTotals] = {}
+        self._flush_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def record_miss(self, model: str, variant: str, usage: Usage) -> None:
+        delta = CostTotals(
+            total_requests=1,
+            total_input_tokens=usage.input_tokens,
+            total_output_tokens=usage.output_tokens,
+            total_cost_usd=usage.cost_usd or 0.0,
+            unpriced_requests=1 if usage.cost_usd is None else 0,
+            last_updated=_now(),
+        )
+        self._apply(f"{model}:{variant}", delta)
+
+    def record_hit(self, model: str, variant: str, saved_usd: float | None) -> None:
+        delta = CostTotals(total_requests=1, cache_hits=1, cost_saved_usd=saved_usd or 0.0, last_updated=_now())
+        self._apply(f"{model}:{variant}", delta)
+
+    def _apply(self, name: str, delta: CostTotals) -> None:
+        self._local.setdefault(name, CostTotals()).add(delta)
+        if self._link is not None:
+            self._pending.setdefault(name, CostTotals()).add(delta)
+
+    def start(self) -> None:
+        if self._link is not None:
+            self._link.on_reconnect(self.flush)
+            self._task = asyncio.get_running_loop().create_task(self._flush_forever(), name="costs-flush")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        if self._pending:
+            _log.warning("costs.unflushed", entries=len(self._pending), detail="Redis unreachable at shutdown")
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Add pending deltas to the fleet totals in one transaction; keep them if Redis fails."""
+        link = self._link
+        if link is None or not self._pending or not link.connected:
+            return not self._pending
+        async with self._flush_lock:
+            batch, self._pending = self._pending, {}
+
+            async def write(client: Any) -> Any:
+                pipe = client.pipeline(transaction=True)
+                for name, delta in batch.items():
+                    key = COSTS_PREFIX + name
+                    for field in _INT_FIELDS:
+                        if value := getattr(delta, field):
+                            pipe.hincrby(key, field, value)
+                    for field in _FLOAT_FIELDS:
+                        if value := getattr(delta, field):
+                            pipe.hincrbyfloat(key, field, value)
+                    if delta.last_updated:
+                        pipe.hset(key, "last_updated", delta.last_updated)
+                    pipe.sadd(COSTS_INDEX, name)
+                return await pipe.execute()
+
+            if await link.call(write) is None:
+                for name, delta in batch.items():  # put them back in front of what came meanwhile
+                    self._pending.setdefault(name, CostTotals()).add(delta)
+                return False
+            return True
+
+    async def snapshot(self) -> tuple[dict[str, dict[str, Any]], str]:
+        """Totals per `model:variant` and their scope: "fleet" (from Redis) or "replica"."""
+        link = self._link
+        if link is not None and link.connected:
+            await self.flush()
+
+            async def read(client: Any) -> dict[str, CostTotals]:
+                names = sorted(member.decode() for member in await client.smembers(COSTS_INDEX))
+                pipe = client.pipeline(transaction=False)
+                for name in names:
+                    pipe.hgetall(COSTS_PREFIX + name)
+                rows = await pipe.execute()
+                return {name: CostTotals.from_redis(row) for name, row in zip(names, rows, strict=True)}
+
+            fleet = await link.call(read)
+            if fleet is not None:
+                for name, delta in self._pending.items():
+                    fleet.setdefault(name, CostTotals()).add(delta)
+                return {name: totals.to_json() for name, totals in sorted(fleet.items())}, "fleet"
+        return {name: totals.to_json() for name, totals in sorted(self._local.items())}, "replica"

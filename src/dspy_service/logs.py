@@ -1,0 +1,80 @@
+"""The one structlog configuration: JSON lines (or text for humans), request IDs from contextvars.
+
+Our own events are dotted names with key-value context (`request.completed`, `redis.unavailable`).
+Foreign loggers (uvicorn, DSPy, redis) go through the same renderer so every line has one shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import orjson
+import structlog
+
+_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+# Keys whose values must never reach a log line, whatever a caller passes.
+_SECRET_KEYS = frozenset({"api_key", "openai_api_key", "authorization", "password", "redis_url"})
+
+
+def _drop_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in _SECRET_KEYS.intersection(event):
+        event[key] = "***"
+    return event
+
+
+def _orjson_dumps(event: dict[str, Any], **_: Any) -> bytes:
+    return orjson.dumps(event, default=str)
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Configure structlog and the stdlib root logger. Safe to call more than once."""
+    numeric = _LEVELS.get(level.lower(), logging.INFO)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_secrets,
+    ]
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        logger_factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        logger_factory = structlog.PrintLoggerFactory(sys.stdout)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=logger_factory,
+        cache_logger_on_first_use=True,
+    )
+    foreign_renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, foreign_renderer],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO) if numeric > logging.DEBUG else numeric)
+    # Chatty third-party loggers stay at WARNING unless we debug.
+    for name in ("LiteLLM", "litellm", "httpx", "httpcore", "dspy", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.WARNING if numeric > logging.DEBUG else numeric)
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,146 @@
+"""The models/variants file: parsed, validated and turned into frozen objects.
+
+Any problem stops start-up with a message naming the file, the entry and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dspy_service.errors import ConfigError
+
+ModuleKind = Literal["predict", "chain_of_thought"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model a client may ask for, by its public name (the key in `models:`)."""
+
+    key: str = ""
+    name: str = Field(min_length=1, description="provider model id, e.g. openai/gpt-3.5-turbo")
+    cost_per_1k_input_tokens: float | None = Field(default=None, ge=0)
+    cost_per_1k_output_tokens: float | None = Field(default=None, ge=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    request_timeout_secs: float = Field(default=30, gt=0, le=600)
+    api_base: str | None = None
+    api_key_env: str | None = None
+    fallbacks: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _prices_come_in_pairs(self) -> ModelSpec:
+        if (self.cost_per_1k_input_tokens is None) != (self.cost_per_1k_output_tokens is None):
+            raise ValueError("give both cost_per_1k_input_tokens and cost_per_1k_output_tokens, or neither")
+        return self
+
+    @property
+    def has_configured_price(self) -> bool:
+        return self.cost_per_1k_input_tokens is not None
+
+
+class VariantSpec(_Strict):
+    """A DSPy program: a signature run by a module, optionally with the state of an optimized program.
+
+    `program` is a JSON file written by DSPy's `module.save("x.json")` (demos, instructions): its state is
+    loaded into the module built from `signature` and `module`, which describe the program's shape.
+    """
+
+    key: str = ""
+    signature: str
+    module: ModuleKind = "predict"
+    instructions: str | None = None
+    program: Path | None = None
+
+    @field_validator("signature")
+    @classmethod
+    def _looks_like_signature(cls, value: str) -> str:
+        inputs, arrow, outputs = value.partition("->")
+        if not arrow or not inputs.strip() or not outputs.strip():
+            raise ValueError(f"signature {value!r} must look like 'inputs -> outputs'")
+        return value
+
+    @field_validator("program")
+    @classmethod
+    def _json_state(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix != ".json":
+            raise ValueError(f"program {str(value)!r} must be a .json file saved with DSPy's module.save()")
+        return value
+
+
+class ModelsConfig(_Strict):
+    default_variant: str = "baseline"
+    ab_testing_enabled: bool = False
+    ab_weights: dict[str, float] = Field(default_factory=dict)
+    models: dict[str, ModelSpec]
+    variants: dict[str, VariantSpec]
+    source: Path = Path("<memory>")
+
+    @field_validator("models", "variants")
+    @classmethod
+    def _not_empty(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("must name at least one entry")
+        return value
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> ModelsConfig:
+        if self.default_variant not in self.variants:
+            raise ValueError(f"default_variant {self.default_variant!r} is not one of the variants")
+        for key, model in self.models.items():
+            for fallback in model.fallbacks:
+                if fallback not in self.models:
+                    raise ValueError(f"models.{key}.fallbacks names unknown model {fallback!r}")
+                if fallback == key:
+                    raise ValueError(f"models.{key}.fallbacks names the model itself")
+        for variant in self.ab_weights:
+            if variant not in self.variants:
+                raise ValueError(f"ab_weights names unknown variant {variant!r}")
+        return self
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def load_models_config(path: Path) -> ModelsConfig:
+    """Read and validate the models file; raise ConfigError naming file, entry and problem."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the models file: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the models file must be a mapping with `models` and `variants`")
+    for section in ("models", "variants"):
+        entries = raw.get(section)
+        if isinstance(entries, dict):
+            raw[section] = {
+                key: ({**value, "key": key} if isinstance(value, dict) else value) for key, value in entries.items()
+            }
+    raw["source"] = path
+    try:
+        config = ModelsConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_location(err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+    return _resolve_program_paths(config, path.parent)
+
+
+def _resolve_program_paths(config: ModelsConfig, base: Path) -> ModelsConfig:
+    """Saved-program paths are relative to the models file; each must exist."""
+    variants = {}
+    for key, variant in config.variants.items():
+        if variant.program is not None:
+            program = variant.program if variant.program.is_absolute() else base / variant.program
+            if not program.is_file():
+                raise ConfigError(f"{config.source}: variants.{key}.program: no such file {program}")
+            variant = variant.model_copy(update={"program": program})
+        variants[key] = variant
+    return config.model_copy(update={"variants": variants})

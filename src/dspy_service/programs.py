@@ -1,0 +1,227 @@
+"""DSPy programs and language models: the only module that imports dspy.
+
+DSPy is configured once at start-up (its own response cache and call history off: our cache is the
+only cache, so what we count is what was spent, and memory stays bounded). Each prediction runs
+the variant's program through DSPy's async path under a per-request `dspy.context`, never
+changing global settings per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from dspy_service.costs import Price
+from dspy_service.errors import ConfigError
+from dspy_service.models_config import ModelSpec, VariantSpec
+
+# Keep DSPy's price map local: it would otherwise fetch a remote copy (5 s timeout) on first use.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402 - must come after the environment default above
+from dspy.utils.exceptions import (  # noqa: E402
+    AdapterParseError,
+    ContextWindowExceededError,
+    LMAuthError,
+    LMBillingError,
+    LMError,
+    LMInvalidRequestError,
+    LMRateLimitError,
+    LMServerError,
+    LMTimeoutError,
+    LMTransportError,
+)
+
+LM_OPTIONS = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed"})
+_MAX_LM_COPIES = 256
+_configured = False
+
+FailureKind = Literal["timeout", "transport", "server", "rate_limit", "rejected", "auth", "parse", "unexpected"]
+
+
+def configure_dspy() -> None:
+    """One-time global DSPy configuration, from the start-up task."""
+    global _configured
+    if _configured:
+        return
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    dspy.configure(disable_history=True)
+    _configured = True
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedProgram:
+    variant: str
+    module: Any  # dspy.Module
+    input_fields: tuple[str, ...]
+    output_fields: tuple[str, ...]
+    main_output: str
+    fingerprint: str
+
+
+def _fingerprint(spec: VariantSpec, module: Any) -> str:
+    state = module.dump_state()
+    material = orjson.dumps([spec.signature, spec.module, spec.instructions, state], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(material).hexdigest()[:24]
+
+
+def load_program(spec: VariantSpec, source: str) -> LoadedProgram:
+    """Build the variant's module (and load an optimized program's state); ConfigError on any problem."""
+    where = f"{source}: variants.{spec.key}"
+    try:
+        signature = dspy.Signature(spec.signature, spec.instructions) if spec.instructions else spec.signature
+        module = dspy.ChainOfThought(signature) if spec.module == "chain_of_thought" else dspy.Predict(signature)
+    except (ValueError, TypeError, SyntaxError) as exc:
+        raise ConfigError(f"{where}.signature: {exc}") from None
+    if spec.program is not None:
+        try:
+            module.load(str(spec.program))
+        except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"{where}.program: cannot load {spec.program} into a {spec.module} of {spec.signature!r}: {exc}"
+            ) from None
+    declared = dspy.ensure_signature(spec.signature)
+    predictors = module.predictors()
+    full_signature = predictors[-1].signature if predictors else declared
+    return LoadedProgram(
+        variant=spec.key,
+        module=module,
+        input_fields=tuple(declared.input_fields),
+        output_fields=tuple(full_signature.output_fields),
+        main_output=next(iter(declared.output_fields)),
+        fingerprint=_fingerprint(spec, module),
+    )
+
+
+class LanguageModels:
+    """One dspy.LM per configured model, plus bounded copies carrying per-request LM options."""
+
+    def __init__(self, models: dict[str, ModelSpec], *, api_key: str | None, base_url: str | None) -> None:
+        self._base: dict[str, Any] = {}
+        self._copies: OrderedDict[tuple[str, tuple[tuple[str, Any], ...]], Any] = OrderedDict()
+        for key, spec in models.items():
+            model_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+            self._base[key] = dspy.LM(
+                spec.name,
+                api_key=model_key or api_key or "unused",
+                api_base=spec.api_base or base_url,
+                timeout=spec.request_timeout_secs,
+                cache=False,
+                num_retries=0,  # retries are ours: bounded by the request deadline, with backoff and jitter
+            )
+
+    def get(self, model: str, options: dict[str, Any]) -> Any:
+        base = self._base[model]
+        if not options:
+            return base
+        marker = (model, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())))
+        found = self._copies.get(marker)
+        if found is None:
+            found = base.copy(**options)
+            self._copies[marker] = found
+            if len(self._copies) > _MAX_LM_COPIES:
+                self._copies.popitem(last=False)
+        else:
+            self._copies.move_to_end(marker)
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramRun:
+    outputs: dict[str, Any]
+    usage_by_model: dict[str, tuple[int, int]]  # provider model id -> (input tokens, output tokens)
+
+
+class ProgramFailed(Exception):
+    """A program run failed; carries what kind of failure and the tokens it spent anyway."""
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        usage_by_model: dict[str, tuple[int, int]],
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind: FailureKind = kind
+        self.message = message
+        self.usage_by_model = usage_by_model
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _usage_totals(tracker: Any) -> dict[str, tuple[int, int]]:
+    totals: dict[str, tuple[int, int]] = {}
+    for model_id, usage in tracker.get_total_tokens().items():
+        totals[model_id] = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    return totals
+
+
+def _classify(exc: Exception) -> FailureKind:
+    if isinstance(exc, LMTimeoutError):
+        return "timeout"
+    if isinstance(exc, LMTransportError):
+        return "transport"
+    if isinstance(exc, LMRateLimitError):
+        return "rate_limit"
+    if isinstance(exc, LMServerError):
+        return "server"
+    if isinstance(exc, (LMAuthError, LMBillingError)):
+        return "auth"
+    if isinstance(exc, (LMInvalidRequestError, ContextWindowExceededError)):
+        return "rejected"
+    if isinstance(exc, AdapterParseError):
+        return "parse"
+    return "unexpected"
+
+
+def _to_jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return _to_jsonable(dump(mode="json"))
+    return str(value)
+
+
+async def run_program(program: LoadedProgram, lm: Any, inputs: dict[str, Any]) -> ProgramRun:
+    """Run the program once with `lm`; raise ProgramFailed (with spent usage) on any failure."""
+    with dspy.context(lm=lm, track_usage=True), dspy.track_usage() as tracker:
+        try:
+            prediction = await program.module.acall(**inputs)
+        except (LMError, AdapterParseError) as exc:
+            status = getattr(exc, "status", None)
+            retry_after = getattr(exc, "retry_after", None)
+            raise ProgramFailed(
+                _classify(exc), str(exc), _usage_totals(tracker), status=status, retry_after=retry_after
+            ) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", _usage_totals(tracker)) from exc
+    outputs = {name: _to_jsonable(prediction.get(name)) for name in program.output_fields}
+    return ProgramRun(outputs=outputs, usage_by_model=_usage_totals(tracker))
+
+
+def bundled_price(model_id: str) -> Price | None:
+    """DSPy's bundled price for a provider model id ("openai/gpt-4o"), if it knows one."""
+    from dspy.clients.model_metadata import model_info, rate
+
+    provider, _, name = model_id.partition("/")
+    if not name:
+        provider, name = "openai", model_id
+    info = model_info(provider, name)
+    input_rate = rate(info, "input_cost_per_token") if info else None
+    output_rate = rate(info, "output_cost_per_token") if info else None
+    if input_rate is None or output_rate is None:
+        return None
+    return Price(input_rate, output_rate, "dspy")

@@ -1,0 +1,139 @@
+"""The one Redis connection of a process, and whether Redis is answering right now.
+
+Redis is a cache here, never a dependency: every operation has a short timeout, a failure marks the
+link down, and while it is down no request waits on Redis at all. A background probe pings it with
+backoff and marks it up again when it answers, so the service heals without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from dspy_service.logs import get_logger
+from dspy_service.metrics import Metrics
+
+T = TypeVar("T")
+
+KEY_PREFIX = "dspy-service:v1:"
+REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+_log = get_logger("dspy_service.redis")
+
+
+class RedisLink:
+    """A Redis client with a known up/down state and fail-fast calls while down."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        metrics: Metrics,
+        redacted_url: str,
+        probe_min_secs: float = 0.5,
+        probe_max_secs: float = 5.0,
+    ) -> None:
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=64,
+        )
+        self.timeout = timeout
+        self.connected = False
+        self._metrics = metrics
+        self._redacted_url = redacted_url
+        self._probe_min = probe_min_secs
+        self._probe_max = probe_max_secs
+        self._probe_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._listeners: list[Callable[[], Awaitable[None]]] = []
+        metrics.redis_connected.set(0)
+
+    def on_reconnect(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Run `listener` each time Redis comes back (e.g. to flush pending totals)."""
+        self._listeners.append(listener)
+
+    async def start(self) -> bool:
+        """Try Redis once; if it is not there, start probing in the background. Never raises."""
+        if await self._ping():
+            self._mark_up(first=True)
+        else:
+            _log.warning("redis.unavailable", url=self._redacted_url, detail="running on the memory cache alone")
+            self._ensure_probe()
+        return self.connected
+
+    async def call(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
+        """Run one Redis operation with the link's timeout; None (and link down) on any failure."""
+        if not self.connected:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await operation(self.client)
+        except REDIS_FAILURES as exc:
+            self.mark_down(exc)
+            return None
+
+    def mark_down(self, exc: BaseException) -> None:
+        self._metrics.count_error("redis_error")
+        if self.connected:
+            self.connected = False
+            self._metrics.redis_connected.set(0)
+            _log.warning("redis.disconnected", url=self._redacted_url, error=type(exc).__name__, detail=str(exc))
+        self._ensure_probe()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+        with contextlib.suppress(*REDIS_FAILURES):
+            await self.client.aclose()
+
+    async def _ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return bool(await self.client.ping())
+        except REDIS_FAILURES:
+            return False
+
+    def _mark_up(self, *, first: bool = False) -> None:
+        self.connected = True
+        self._metrics.redis_connected.set(1)
+        _log.info("redis.connected" if first else "redis.reconnected", url=self._redacted_url)
+
+    def _ensure_probe(self) -> None:
+        if self._closed or (self._probe_task is not None and not self._probe_task.done()):
+            return
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe(), name="redis-probe")
+
+    async def _probe(self) -> None:
+        delay = self._probe_min
+        while not self._closed:
+            await asyncio.sleep(delay)
+            # Drop pooled sockets that died with the old server before trusting the link again.
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self.client.connection_pool.disconnect()
+            if await self._ping():
+                self._mark_up()
+                for listener in self._listeners:
+                    await listener()
+                return
+            delay = min(delay * 2, self._probe_max)
+
+
+async def run_quietly(link: RedisLink | None, operation: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
+    """`link.call(operation)` when there is a link, else None."""
+    if link is None:
+        return None
+    return await link.call(operation)

@@ -1,0 +1,152 @@
+"""Building the service's parts from settings, starting them, and stopping them in order."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from dspy_service.breaker import BreakerState, CircuitBreaker
+from dspy_service.cache import MemoryCache, RedisCache, TwoLevelCache
+from dspy_service.costs import CostLedger, Price, configured_price
+from dspy_service.logs import get_logger
+from dspy_service.metrics import Metrics
+from dspy_service.models_config import ModelsConfig, load_models_config
+from dspy_service.predictor import Predictor
+from dspy_service.programs import LanguageModels, LoadedProgram, bundled_price, configure_dspy, load_program
+from dspy_service.redis_link import RedisLink
+from dspy_service.settings import Settings
+
+_log = get_logger("dspy_service.services")
+
+
+@dataclass
+class Lifecycle:
+    started_at: float = field(default_factory=time.monotonic)
+    started: bool = False
+    draining: bool = False
+    in_flight: int = 0  # predictions being served; shutdown waits for them
+
+
+@dataclass
+class Services:
+    settings: Settings
+    models_config: ModelsConfig
+    metrics: Metrics
+    programs: dict[str, LoadedProgram]
+    cache: TwoLevelCache
+    breakers: dict[str, CircuitBreaker]
+    ledger: CostLedger
+    predictor: Predictor
+    redis_link: RedisLink | None
+    provider_description: str
+    lifecycle: Lifecycle
+
+    async def start(self) -> None:
+        if self.redis_link is not None:
+            await self.redis_link.start()
+        self.ledger.start()
+        self.lifecycle.started = True
+        _log.info(
+            "service.started",
+            version=self.settings.service_version,
+            provider=self.provider_description,
+            redis=self.settings.redacted_redis_url(),
+            redis_connected=bool(self.redis_link and self.redis_link.connected),
+            models=sorted(self.models_config.models),
+            variants=sorted(self.programs),
+        )
+
+    async def stop(self) -> None:
+        await self.ledger.close()
+        if self.redis_link is not None:
+            await self.redis_link.close()
+        _log.info("service.stopped")
+
+
+def build_price_lookup(config: ModelsConfig) -> dict[str, Price | None]:
+    """Price per provider model id: configured prices first, else DSPy's bundled data, else None."""
+    prices: dict[str, Price | None] = {}
+    for spec in config.models.values():
+        prices[spec.name] = configured_price(spec) or bundled_price(spec.name)
+    return prices
+
+
+def build_services(settings: Settings, *, registry: CollectorRegistry | None = None,
+                   base_url: str | None = None) -> Services:
+    """Everything the app needs, built once; raises ConfigError for a broken models file."""
+    configure_dspy()
+    metrics = Metrics(registry or CollectorRegistry())
+    models_config = load_models_config(settings.models_config)
+    programs = {
+        key: load_program(spec, str(models_config.source)) for key, spec in models_config.variants.items()
+    }
+    provider_url = base_url or settings.openai_base_url
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    lms = LanguageModels(models_config.models, api_key=api_key or "simulator", base_url=provider_url)
+    if base_url is not None and settings.uses_simulator:
+        provider_description = f"simulator at {base_url}"
+    elif provider_url:
+        provider_description = f"OpenAI-compatible API at {provider_url}"
+    else:
+        provider_description = "provider default endpoints"
+
+    link = None
+    if settings.redis_url.get_secret_value():
+        link = RedisLink(
+            settings.redis_url.get_secret_value(),
+            timeout=settings.redis_timeout_secs,
+            metrics=metrics,
+            redacted_url=settings.redacted_redis_url(),
+        )
+    cache = TwoLevelCache(
+        MemoryCache(settings.memory_cache_size, settings.memory_cache_ttl_secs),
+        RedisCache(link, settings.redis_cache_ttl_secs) if link is not None else None,
+        metrics,
+    )
+
+    def breaker_changed(name: str, old: BreakerState, new: BreakerState) -> None:
+        metrics.set_breaker_state(name, new)
+        log = _log.warning if new == "open" else _log.info
+        log("breaker.transition", model=name, old=old, new=new)
+
+    breakers = {
+        key: CircuitBreaker(
+            key,
+            failure_threshold=settings.circuit_breaker_failure_threshold,
+            success_threshold=settings.circuit_breaker_success_threshold,
+            open_secs=settings.circuit_breaker_timeout_secs,
+            on_change=breaker_changed,
+        )
+        for key in models_config.models
+    }
+    for key in breakers:
+        metrics.set_breaker_state(key, "closed")
+    ledger = CostLedger(link, settings.costs_flush_interval_secs)
+    prices = build_price_lookup(models_config)
+    predictor = Predictor(
+        config=models_config,
+        programs=programs,
+        lms=lms,
+        cache=cache,
+        breakers=breakers,
+        ledger=ledger,
+        metrics=metrics,
+        prices=prices.get,
+        request_timeout_secs=settings.request_timeout_secs,
+        max_in_flight=settings.max_in_flight,
+    )
+    return Services(
+        settings=settings,
+        models_config=models_config,
+        metrics=metrics,
+        programs=programs,
+        cache=cache,
+        breakers=breakers,
+        ledger=ledger,
+        predictor=predictor,
+        redis_link=link,
+        provider_description=provider_description,
+        lifecycle=Lifecycle(),
+    )

@@ -1,0 +1,108 @@
+"""Typed service settings, read from the environment (and an optional `.env` file).
+
+Names and defaults follow the service contract; nothing here imports the rest of the package.
+There is no module-level instance: `Settings()` is built by the CLI and handed down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
+
+DEFAULT_MODELS_CONFIG = Path(__file__).parent / "data" / "models.yaml"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is read from the upper-cased environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False, frozen=True
+    )
+
+    service_name: str = "complete-production-service"
+    service_version: str = "0.1.0"
+    host: str = "0.0.0.0"  # noqa: S104 - a container service listens on every interface by design
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    log_level: LogLevel = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    redis_url: SecretStr = SecretStr("redis://localhost:6379")
+    redis_required: bool = False
+    redis_timeout_secs: float = Field(default=0.25, gt=0, le=10)
+    memory_cache_size: int = Field(default=10_000, ge=0)
+    memory_cache_ttl_secs: float = Field(default=300, gt=0)
+    redis_cache_ttl_secs: int = Field(default=3600, gt=0)
+
+    circuit_breaker_failure_threshold: int = Field(default=5, ge=1)
+    circuit_breaker_success_threshold: int = Field(default=2, ge=1)
+    circuit_breaker_timeout_secs: float = Field(default=60, gt=0)
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    models_config: Path = DEFAULT_MODELS_CONFIG
+
+    request_timeout_secs: float = Field(default=30, gt=0)
+    max_in_flight: int = Field(default=256, ge=1)
+    shutdown_grace_secs: float = Field(default=20, ge=0)
+    max_body_bytes: int = Field(default=1_048_576, ge=256)
+    costs_flush_interval_secs: float = Field(default=1.0, gt=0)
+    cors_allow_origins: str = ""
+
+    simulator_port: int = Field(default=8099, ge=0, le=65535)
+
+    @field_validator("openai_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("openai_base_url", mode="before")
+    @classmethod
+    def _blank_url_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_redis_url(self) -> Settings:
+        scheme = urlsplit(self.redis_url.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"REDIS_URL must use redis://, rediss:// or unix://, not {scheme!r}")
+        return self
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_allow_origins.split(",") if origin.strip()]
+
+    @property
+    def uses_simulator(self) -> bool:
+        """No key and no base URL: the embedded simulator plays the provider."""
+        return self.openai_api_key is None and self.openai_base_url is None
+
+    def redacted_redis_url(self) -> str:
+        return redact_url(self.redis_url.get_secret_value())
+
+    def public_view(self) -> dict[str, object]:
+        """The effective configuration with every secret redacted, for `/config`."""
+        view = self.model_dump(mode="json")
+        view["redis_url"] = self.redacted_redis_url()
+        view["openai_api_key"] = "***" if self.openai_api_key is not None else None
+        if self.openai_base_url is not None:
+            view["openai_base_url"] = redact_url(self.openai_base_url)
+        view["models_config"] = str(self.models_config)
+        return view
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user name and password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
