@@ -30,6 +30,7 @@ def _request_id(request: Request) -> str | None:
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    request.app.state.services.metrics.count_error(exc.type)
     return error_response(exc, _request_id(request))
 
 

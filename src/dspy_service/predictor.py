@@ -182,9 +182,8 @@ class Predictor:
                     return self._served_from_cache(request, route, hit, level, started)
             coalesced = key is not None and key in self._upstream
             answer, usage = await self._call_upstream(key, route)
-        except ServiceError as exc:
-            metrics.error.inc()
-            self._metrics.count_error(exc.type)
+        except ServiceError:
+            metrics.error.inc()  # the error's type is counted where it becomes a response
             raise
         finally:
             self._metrics.active.dec()

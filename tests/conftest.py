@@ -1,0 +1,1 @@
+"""Test-wide settings: the package under test is imported from src/ via the editable install."""
