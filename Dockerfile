@@ -39,7 +39,8 @@ RUN groupadd --system --gid "${APP_GID}" app \
        --shell /usr/sbin/nologin app
 
 COPY --from=build /opt/venv /opt/venv
-COPY config/models.yaml /app/config/models.yaml
+# The models file the package ships, at a stable path that MODELS_CONFIG names (mount your own over it).
+COPY src/dspy_service/data/models.yaml /app/config/models.yaml
 
 # Nothing is written outside /tmp: no bytecode files, HOME (DSPy's and LiteLLM's caches) under /tmp,
 # and LiteLLM reads the model cost map it ships instead of fetching one at import time.
