@@ -18,6 +18,7 @@ import orjson
 
 from dspy_service.costs import Price
 from dspy_service.errors import ConfigError
+from dspy_service.logs import get_logger
 from dspy_service.models_config import ModelSpec, VariantSpec
 
 # Keep DSPy's price map local: it would otherwise fetch a remote copy (5 s timeout) on first use.
@@ -36,6 +37,8 @@ from dspy.utils.exceptions import (  # noqa: E402
     LMTimeoutError,
     LMTransportError,
 )
+
+_log = get_logger("dspy_service.programs")
 
 LM_OPTIONS = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed"})
 _MAX_LM_COPIES = 256
@@ -98,6 +101,32 @@ def load_program(spec: VariantSpec, source: str) -> LoadedProgram:
     )
 
 
+def _build_lm(spec: ModelSpec, *, api_key: str | None, api_base: str | None) -> Any:
+    """DSPy's native engine where it can serve the model, else its LiteLLM engine.
+
+    With engine "auto", an OPENAI_BASE_URL in the environment sends every call through LiteLLM
+    (a 10 s import on the first call and more CPU per call) even though we pass the address
+    explicitly; asking for the native engine by name avoids that.
+    """
+    from dspy._vendor.lm15.errors import LM15Error
+    from dspy.clients.backend_selection import select_backend
+
+    options: dict[str, Any] = {
+        "api_key": api_key or "unused",
+        "api_base": api_base,
+        "timeout": spec.request_timeout_secs,
+        "cache": False,
+        "num_retries": 0,  # retries are ours: bounded by the request deadline, with backoff and jitter
+    }
+    try:
+        lm = dspy.LM(spec.name, engine="lm15", **options)
+        select_backend(lm)
+        return lm
+    except (LM15Error, LMError, ValueError, TypeError) as exc:
+        _log.info("lm.litellm_engine", model=spec.name, reason=str(exc))
+        return dspy.LM(spec.name, **options)
+
+
 class LanguageModels:
     """One dspy.LM per configured model, plus bounded copies carrying per-request LM options."""
 
@@ -106,14 +135,7 @@ class LanguageModels:
         self._copies: OrderedDict[tuple[str, tuple[tuple[str, Any], ...]], Any] = OrderedDict()
         for key, spec in models.items():
             model_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-            self._base[key] = dspy.LM(
-                spec.name,
-                api_key=model_key or api_key or "unused",
-                api_base=spec.api_base or base_url,
-                timeout=spec.request_timeout_secs,
-                cache=False,
-                num_retries=0,  # retries are ours: bounded by the request deadline, with backoff and jitter
-            )
+            self._base[key] = _build_lm(spec, api_key=model_key or api_key, api_base=spec.api_base or base_url)
 
     def get(self, model: str, options: dict[str, Any]) -> Any:
         base = self._base[model]
