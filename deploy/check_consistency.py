@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 # Files in k8s/ that are deliberately not applied by `kubectl apply -k k8s/`.
 NOT_IN_KUSTOMIZATION = {"kustomization.yaml", "prometheus-adapter-rules.yaml"}
-# Closing connections and exiting after the drain: seconds required beyond preStop + grace.
+# The service spends up to 5s closing keep-alive connections after the drain; require at least that.
 SHUTDOWN_MARGIN_SECS = 5
 
 
