@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -19,6 +21,14 @@ _log = get_logger("dspy_service.cli")
 
 # After the drain, uvicorn closes idle keep-alive connections; this bounds that last step.
 _CONNECTION_CLOSE_SECS = 5
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A second server in the same process (the demo simulator): it leaves signals to the main one."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class GracefulServer(uvicorn.Server):
@@ -72,7 +82,7 @@ async def _serve() -> int:
 
         port = settings.simulator_port or _free_port("127.0.0.1")
         base_url = f"http://127.0.0.1:{port}/v1"
-        simulator_server = uvicorn.Server(
+        simulator_server = _EmbeddedServer(
             uvicorn.Config(create_simulator_app(), host="127.0.0.1", port=port, log_config=None,
                            access_log=False, lifespan="off")
         )
@@ -100,7 +110,6 @@ async def _serve() -> int:
     server = GracefulServer(config, lifecycle=services.lifecycle, grace_secs=settings.shutdown_grace_secs)
     simulator_task = None
     if simulator_server is not None:
-        simulator_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         simulator_task = asyncio.create_task(simulator_server.serve())
     try:
         await server.serve()

@@ -186,11 +186,23 @@ def _usage_totals(tracker: Any) -> dict[str, tuple[int, int]]:
     return totals
 
 
+def _caused_by_timeout(exc: BaseException) -> bool:
+    """DSPy reports a read timeout as a transport error; the cause chain says it was a timeout."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError) or type(seen).__name__ in ("ReadTimeout", "WriteTimeout", "ConnectTimeout"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _classify(exc: Exception) -> FailureKind:
     if isinstance(exc, LMTimeoutError):
         return "timeout"
     if isinstance(exc, LMTransportError):
-        return "transport"
+        return "timeout" if _caused_by_timeout(exc) else "transport"
     if isinstance(exc, LMRateLimitError):
         return "rate_limit"
     if isinstance(exc, LMServerError):
