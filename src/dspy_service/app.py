@@ -37,16 +37,21 @@ async def _service_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(kind, str(exc.detail), _request_id(request)), status_code=exc.status_code,
-                        headers=exc.headers)
+    return JSONResponse(
+        error_body(kind, str(exc.detail), _request_id(request)),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     _log.exception("request.unexpected_error", error=type(exc).__name__)
     services: Services = request.app.state.services
     services.metrics.count_error("internal")
-    return JSONResponse(error_body("internal_error", "the service failed unexpectedly; see its logs",
-                                   _request_id(request)), status_code=500)
+    return JSONResponse(
+        error_body("internal_error", "the service failed unexpectedly; see its logs", _request_id(request)),
+        status_code=500,
+    )
 
 
 def create_app(services: Services) -> Starlette:
@@ -64,13 +69,20 @@ def create_app(services: Services) -> Starlette:
             await services.stop()
 
     middleware = [
-        Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=services.metrics),
+        Middleware(
+            RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=services.metrics
+        ),
     ]
     if settings.cors_origins:
         middleware.append(
-            Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                       allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
-                       expose_headers=["X-Request-ID"], allow_credentials="*" not in settings.cors_origins)
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+                expose_headers=["X-Request-ID"],
+                allow_credentials="*" not in settings.cors_origins,
+            )
         )
     middleware.append(Middleware(GZipMiddleware, minimum_size=1024))
     app = Starlette(

@@ -22,7 +22,13 @@ CACHE_KEY_PREFIX = KEY_PREFIX + "cache:"
 
 
 def cache_key(
-    *, model: str, model_id: str, variant: str, program_fingerprint: str, input_text: str, parameters: dict[str, Any]
+    *,
+    model: str,
+    model_id: str,
+    variant: str,
+    program_fingerprint: str,
+    input_text: str,
+    parameters: dict[str, Any],
 ) -> str:
     """One hash over everything that changes the answer, with `parameters` in canonical (sorted) form.
 
@@ -48,7 +54,14 @@ class CachedAnswer:
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
-            [self.outputs, self.output, self.model_served, self.input_tokens, self.output_tokens, self.cost_usd]
+            [
+                self.outputs,
+                self.output,
+                self.model_served,
+                self.input_tokens,
+                self.output_tokens,
+                self.cost_usd,
+            ]
         )
 
     @classmethod
@@ -92,7 +105,7 @@ class RedisCache:
 
     async def get(self, key: str) -> CachedAnswer | None:
         raw = await self._link.call(lambda client: client.get(CACHE_KEY_PREFIX + key))
-        if raw is None:
+        if not isinstance(raw, bytes):
             return None
         try:
             return CachedAnswer.from_bytes(raw)

@@ -11,11 +11,15 @@ import sys
 import time
 from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from dspy_service.errors import ConfigError
 from dspy_service.logs import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from dspy_service.services import Lifecycle
 
 _log = get_logger("dspy_service.cli")
 
@@ -36,7 +40,7 @@ class GracefulServer(uvicorn.Server):
     finish (up to the grace period), then uvicorn stops, the lifespan flushes and the process exits 0.
     A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, *, lifecycle: object, grace_secs: float) -> None:
+    def __init__(self, config: uvicorn.Config, *, lifecycle: Lifecycle, grace_secs: float) -> None:
         super().__init__(config)
         self._lifecycle = lifecycle
         self._grace = grace_secs
@@ -48,13 +52,17 @@ class GracefulServer(uvicorn.Server):
             self.force_exit = sig == signal.SIGINT
             return
         self._drain_started = time.monotonic()
-        self._lifecycle.draining = True  # type: ignore[attr-defined]
-        _log.info("service.draining", signal=signal.Signals(sig).name, grace_secs=self._grace,
-                  in_flight=self._lifecycle.in_flight)  # type: ignore[attr-defined]
+        self._lifecycle.draining = True
+        _log.info(
+            "service.draining",
+            signal=signal.Signals(sig).name,
+            grace_secs=self._grace,
+            in_flight=self._lifecycle.in_flight,
+        )
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_started is not None and not self.should_exit:
-            in_flight: int = self._lifecycle.in_flight  # type: ignore[attr-defined]
+            in_flight = self._lifecycle.in_flight
             waited = time.monotonic() - self._drain_started
             if in_flight == 0 or waited >= self._grace:
                 _log.info("service.drained", waited_secs=round(waited, 3), still_in_flight=in_flight)
@@ -83,8 +91,14 @@ async def _serve() -> int:
         port = settings.simulator_port or _free_port("127.0.0.1")
         base_url = f"http://127.0.0.1:{port}/v1"
         simulator_server = _EmbeddedServer(
-            uvicorn.Config(create_simulator_app(), host="127.0.0.1", port=port, log_config=None,
-                           access_log=False, lifespan="off")
+            uvicorn.Config(
+                create_simulator_app(),
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+            )
         )
         _log.warning(
             "provider.simulated",
@@ -131,7 +145,9 @@ def _simulate(args: argparse.Namespace) -> int:
         error_status=args.error_status,
         hang=args.hang,
     )
-    uvicorn.run(create_simulator_app(knobs), host=args.host, port=args.port, log_config=None, access_log=False)
+    uvicorn.run(
+        create_simulator_app(knobs), host=args.host, port=args.port, log_config=None, access_log=False
+    )
     return 0
 
 

@@ -117,7 +117,13 @@ class CostTotals:
         return totals
 
 
-_INT_FIELDS = ("total_requests", "total_input_tokens", "total_output_tokens", "cache_hits", "unpriced_requests")
+_INT_FIELDS = (
+    "total_requests",
+    "total_input_tokens",
+    "total_output_tokens",
+    "cache_hits",
+    "unpriced_requests",
+)
 _FLOAT_FIELDS = ("total_cost_usd", "cost_saved_usd")
 
 
@@ -146,7 +152,9 @@ class CostLedger:
         self._apply(f"{model}:{variant}", delta)
 
     def record_hit(self, model: str, variant: str, saved_usd: float | None) -> None:
-        delta = CostTotals(total_requests=1, cache_hits=1, cost_saved_usd=saved_usd or 0.0, last_updated=_now())
+        delta = CostTotals(
+            total_requests=1, cache_hits=1, cost_saved_usd=saved_usd or 0.0, last_updated=_now()
+        )
         self._apply(f"{model}:{variant}", delta)
 
     def _apply(self, name: str, delta: CostTotals) -> None:
@@ -156,7 +164,7 @@ class CostLedger:
 
     def start(self) -> None:
         if self._link is not None:
-            self._link.on_reconnect(self.flush)
+            self._link.on_reconnect(self._flush_after_outage)
             self._task = asyncio.get_running_loop().create_task(self._flush_forever(), name="costs-flush")
 
     async def close(self) -> None:
@@ -166,7 +174,12 @@ class CostLedger:
                 await self._task
         await self.flush()
         if self._pending:
-            _log.warning("costs.unflushed", entries=len(self._pending), detail="Redis unreachable at shutdown")
+            _log.warning(
+                "costs.unflushed", entries=len(self._pending), detail="Redis unreachable at shutdown"
+            )
+
+    async def _flush_after_outage(self) -> None:
+        await self.flush()
 
     async def _flush_forever(self) -> None:
         while True:

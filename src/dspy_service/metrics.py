@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -37,44 +36,66 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.predictions = Counter(
-            "dspy_predictions_total", "Predictions served, by model, variant and status.",
-            ["model", "variant", "status"], registry=registry,
+            "dspy_predictions_total",
+            "Predictions served, by model, variant and status.",
+            ["model", "variant", "status"],
+            registry=registry,
         )
         self.duration = Histogram(
-            "dspy_prediction_duration_seconds", "Prediction latency in seconds, by cache level.",
-            ["model", "variant", "cache_level"], buckets=DURATION_BUCKETS, registry=registry,
+            "dspy_prediction_duration_seconds",
+            "Prediction latency in seconds, by cache level.",
+            ["model", "variant", "cache_level"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
         )
         self.cache_operations = Counter(
-            "dspy_cache_operations_total", "Cache lookups by level and outcome (hit or miss).",
-            ["level", "operation"], registry=registry,
+            "dspy_cache_operations_total",
+            "Cache lookups by level and outcome (hit or miss).",
+            ["level", "operation"],
+            registry=registry,
         )
         self.breaker_state = Gauge(
-            "dspy_circuit_breaker_state", "Circuit breaker state per model: 0 closed, 1 open, 2 half-open.",
-            ["model"], registry=registry,
+            "dspy_circuit_breaker_state",
+            "Circuit breaker state per model: 0 closed, 1 open, 2 half-open.",
+            ["model"],
+            registry=registry,
         )
         self.cost = Counter(
-            "dspy_prediction_cost", "Money spent on the provider in USD, by model and variant.",
-            ["model", "variant"], registry=registry,
+            "dspy_prediction_cost",
+            "Money spent on the provider in USD, by model and variant.",
+            ["model", "variant"],
+            registry=registry,
         )
         self.cost_saved = Counter(
-            "dspy_cost_saved", "Money the cache saved in USD (what hits would have cost).",
-            ["model", "variant"], registry=registry,
+            "dspy_cost_saved",
+            "Money the cache saved in USD (what hits would have cost).",
+            ["model", "variant"],
+            registry=registry,
         )
         self.tokens = Counter(
-            "dspy_token_usage", "Provider-reported tokens by model, variant and type (input, output).",
-            ["model", "variant", "type"], registry=registry,
+            "dspy_token_usage",
+            "Provider-reported tokens by model, variant and type (input, output).",
+            ["model", "variant", "type"],
+            registry=registry,
         )
         self.active = Gauge(
-            "dspy_active_predictions", "Predictions in flight.", registry=registry, multiprocess_mode="livesum"
+            "dspy_active_predictions",
+            "Predictions in flight.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.errors = Counter("dspy_errors", "Errors by type.", ["type"], registry=registry)
         self.redis_connected = Gauge(
-            "dspy_redis_connected", "1 while Redis answers, 0 while it does not.", registry=registry,
+            "dspy_redis_connected",
+            "1 while Redis answers, 0 while it does not.",
+            registry=registry,
             multiprocess_mode="max",
         )
         self.unpriced = Counter(
-            "dspy_unpriced_predictions", "Predictions whose cost could not be computed (no known price).",
-            ["model"], registry=registry,
+            "dspy_unpriced_predictions",
+            "Predictions whose cost could not be computed (no known price).",
+            ["model"],
+            registry=registry,
         )
         self.cache_hit_memory = self.cache_operations.labels("memory", "hit")
         self.cache_miss_memory = self.cache_operations.labels("memory", "miss")
@@ -108,7 +129,3 @@ class Metrics:
 
     def set_breaker_state(self, model: str, state: str) -> None:
         self.breaker_state.labels(model).set(BREAKER_STATE_VALUES[state])
-
-
-def is_metric(obj: object) -> bool:
-    return isinstance(obj, MetricWrapperBase)

@@ -122,7 +122,8 @@ def load_models_config(path: Path) -> ModelsConfig:
         entries = raw.get(section)
         if isinstance(entries, dict):
             raw[section] = {
-                key: ({**value, "key": key} if isinstance(value, dict) else value) for key, value in entries.items()
+                key: ({**value, "key": key} if isinstance(value, dict) else value)
+                for key, value in entries.items()
             }
     raw["source"] = path
     try:

@@ -79,12 +79,18 @@ def _check_lm_option(name: str, value: Any) -> Any:
         return float(value)
     if name == "top_p" and number and 0 <= value <= 1:
         return float(value)
-    if name == "max_tokens" and isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 32_768:
+    if (
+        name == "max_tokens"
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and 1 <= value <= 32_768
+    ):
         return value
     if name == "seed" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if name == "stop" and (
-        isinstance(value, str) or (isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value))
+        isinstance(value, str)
+        or (isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value))
     ):
         return value
     expected = {
@@ -133,7 +139,9 @@ class Predictor:
     def _route(self, request: PredictionInput) -> _Route:
         model = self._config.models.get(request.model)
         if model is None:
-            raise NotFound(f"unknown model {request.model!r}; known: {', '.join(sorted(self._config.models))}")
+            raise NotFound(
+                f"unknown model {request.model!r}; known: {', '.join(sorted(self._config.models))}"
+            )
         variant = request.variant or self._config.default_variant
         program = self._programs.get(variant)
         if program is None:
@@ -153,7 +161,9 @@ class Predictor:
                 )
         missing = [name for name in program.input_fields[1:] if name not in inputs]
         if missing:
-            raise InvalidRequest(f"variant {variant!r} needs input field(s) {', '.join(missing)} in parameters")
+            raise InvalidRequest(
+                f"variant {variant!r} needs input field(s) {', '.join(missing)} in parameters"
+            )
         return _Route(model, program, inputs, lm_options)
 
     async def predict(self, request: PredictionInput) -> Prediction:
@@ -196,12 +206,32 @@ class Predictor:
             if answer.cost_usd:
                 metrics.saved.inc(answer.cost_usd)
             return Prediction(
-                request.model, answer.model_served, variant, answer.output, answer.outputs, None, True,
-                0, 0, 0.0, answer.cost_usd, latency * 1000,
+                request.model,
+                answer.model_served,
+                variant,
+                answer.output,
+                answer.outputs,
+                None,
+                True,
+                0,
+                0,
+                0.0,
+                answer.cost_usd,
+                latency * 1000,
             )
         return Prediction(
-            request.model, answer.model_served, variant, answer.output, answer.outputs, None, False,
-            usage.input_tokens, usage.output_tokens, usage.cost_usd, None, latency * 1000,
+            request.model,
+            answer.model_served,
+            variant,
+            answer.output,
+            answer.outputs,
+            None,
+            False,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cost_usd,
+            None,
+            latency * 1000,
         )
 
     def _served_from_cache(
@@ -216,15 +246,27 @@ class Predictor:
             metrics.saved.inc(hit.cost_usd)
         self._ledger.record_hit(model_key, variant, hit.cost_usd)
         return Prediction(
-            request.model, hit.model_served, variant, hit.output, hit.outputs, level, False,
-            0, 0, 0.0, hit.cost_usd, latency * 1000,
+            request.model,
+            hit.model_served,
+            variant,
+            hit.output,
+            hit.outputs,
+            level,
+            False,
+            0,
+            0,
+            0.0,
+            hit.cost_usd,
+            latency * 1000,
         )
 
     async def _call_upstream(self, key: str | None, route: _Route) -> tuple[CachedAnswer, Usage]:
         task = self._upstream.get(key) if key is not None else None
         if task is None:
             if self._upstream_count >= self._max_in_flight:
-                raise Overloaded(f"{self._upstream_count} predictions in flight; try again shortly", retry_after=1)
+                raise Overloaded(
+                    f"{self._upstream_count} predictions in flight; try again shortly", retry_after=1
+                )
             task = asyncio.get_running_loop().create_task(self._produce(key, route))
             self._upstream_count += 1
             task.add_done_callback(self._upstream_done)
@@ -247,7 +289,9 @@ class Predictor:
                 run, model_served = await self._run_with_fallbacks(route, spent)
         except TimeoutError:
             self._account(route, spent)
-            raise ProviderTimeout(f"no answer from the provider within the {self._deadline:g} s deadline") from None
+            raise ProviderTimeout(
+                f"no answer from the provider within the {self._deadline:g} s deadline"
+            ) from None
         except ServiceError:
             self._account(route, spent)
             raise
@@ -294,14 +338,18 @@ class Predictor:
         assert last_error is not None
         raise last_error
 
-    async def _run_with_retries(self, spec: ModelSpec, route: _Route, spent: dict[str, tuple[int, int]]) -> Any:
+    async def _run_with_retries(
+        self, spec: ModelSpec, route: _Route, spent: dict[str, tuple[int, int]]
+    ) -> Any:
         breaker = self._breakers[spec.key]
         lm = self._lms.get(spec.key, route.lm_options)
         attempt = 0
         while True:
             if not breaker.try_acquire():
                 wait = breaker.retry_after()
-                raise CircuitOpen(f"circuit breaker for model {spec.key!r} is open", retry_after=max(1.0, wait))
+                raise CircuitOpen(
+                    f"circuit breaker for model {spec.key!r} is open", retry_after=max(1.0, wait)
+                )
             try:
                 run = await run_program(route.program, lm, route.inputs)
             except ProgramFailed as failure:
@@ -338,7 +386,9 @@ class Predictor:
         if failure.kind == "timeout":
             return ProviderTimeout(f"model {spec.key!r} timed out after {spec.request_timeout_secs:g} s")
         if failure.kind == "rejected":
-            return InvalidRequest(f"the provider rejected the request for model {spec.key!r}: {failure.message}")
+            return InvalidRequest(
+                f"the provider rejected the request for model {spec.key!r}: {failure.message}"
+            )
         if failure.kind == "parse":
             return ProviderError(f"model {spec.key!r} answered in a shape the program could not parse")
         status = f" (HTTP {failure.status})" if failure.status else ""

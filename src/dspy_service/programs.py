@@ -24,8 +24,8 @@ from dspy_service.models_config import ModelSpec, VariantSpec
 # Keep DSPy's price map local: it would otherwise fetch a remote copy (5 s timeout) on first use.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import dspy  # noqa: E402 - must come after the environment default above
-from dspy.utils.exceptions import (  # noqa: E402
+import dspy
+from dspy.utils.exceptions import (
     AdapterParseError,
     ContextWindowExceededError,
     LMAuthError,
@@ -44,7 +44,9 @@ LM_OPTIONS = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed"})
 _MAX_LM_COPIES = 256
 _configured = False
 
-FailureKind = Literal["timeout", "transport", "server", "rate_limit", "rejected", "auth", "parse", "unexpected"]
+FailureKind = Literal[
+    "timeout", "transport", "server", "rate_limit", "rejected", "auth", "parse", "unexpected"
+]
 
 
 def configure_dspy() -> None:
@@ -69,7 +71,9 @@ class LoadedProgram:
 
 def _fingerprint(spec: VariantSpec, module: Any) -> str:
     state = module.dump_state()
-    material = orjson.dumps([spec.signature, spec.module, spec.instructions, state], option=orjson.OPT_SORT_KEYS)
+    material = orjson.dumps(
+        [spec.signature, spec.module, spec.instructions, state], option=orjson.OPT_SORT_KEYS
+    )
     return hashlib.sha256(material).hexdigest()[:24]
 
 
@@ -78,7 +82,9 @@ def load_program(spec: VariantSpec, source: str) -> LoadedProgram:
     where = f"{source}: variants.{spec.key}"
     try:
         signature = dspy.Signature(spec.signature, spec.instructions) if spec.instructions else spec.signature
-        module = dspy.ChainOfThought(signature) if spec.module == "chain_of_thought" else dspy.Predict(signature)
+        module = (
+            dspy.ChainOfThought(signature) if spec.module == "chain_of_thought" else dspy.Predict(signature)
+        )
     except (ValueError, TypeError, SyntaxError) as exc:
         raise ConfigError(f"{where}.signature: {exc}") from None
     if spec.program is not None:
@@ -86,7 +92,8 @@ def load_program(spec: VariantSpec, source: str) -> LoadedProgram:
             module.load(str(spec.program))
         except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
             raise ConfigError(
-                f"{where}.program: cannot load {spec.program} into a {spec.module} of {spec.signature!r}: {exc}"
+                f"{where}.program: cannot load {spec.program} "
+                f"into a {spec.module} of {spec.signature!r}: {exc}"
             ) from None
     declared = dspy.ensure_signature(spec.signature)
     predictors = module.predictors()
@@ -135,13 +142,18 @@ class LanguageModels:
         self._copies: OrderedDict[tuple[str, tuple[tuple[str, Any], ...]], Any] = OrderedDict()
         for key, spec in models.items():
             model_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-            self._base[key] = _build_lm(spec, api_key=model_key or api_key, api_base=spec.api_base or base_url)
+            self._base[key] = _build_lm(
+                spec, api_key=model_key or api_key, api_base=spec.api_base or base_url
+            )
 
     def get(self, model: str, options: dict[str, Any]) -> Any:
         base = self._base[model]
         if not options:
             return base
-        marker = (model, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())))
+        marker = (
+            model,
+            tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())),
+        )
         found = self._copies.get(marker)
         if found is None:
             found = base.copy(**options)
@@ -192,7 +204,11 @@ def _caused_by_timeout(exc: BaseException) -> bool:
     for _ in range(8):
         if seen is None:
             return False
-        if isinstance(seen, TimeoutError) or type(seen).__name__ in ("ReadTimeout", "WriteTimeout", "ConnectTimeout"):
+        if isinstance(seen, TimeoutError) or type(seen).__name__ in (
+            "ReadTimeout",
+            "WriteTimeout",
+            "ConnectTimeout",
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

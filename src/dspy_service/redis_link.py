@@ -68,7 +68,9 @@ class RedisLink:
         if await self._ping():
             self._mark_up(first=True)
         else:
-            _log.warning("redis.unavailable", url=self._redacted_url, detail="running on the memory cache alone")
+            _log.warning(
+                "redis.unavailable", url=self._redacted_url, detail="running on the memory cache alone"
+            )
             self._ensure_probe()
         return self.connected
 
@@ -88,7 +90,9 @@ class RedisLink:
         if self.connected:
             self.connected = False
             self._metrics.redis_connected.set(0)
-            _log.warning("redis.disconnected", url=self._redacted_url, error=type(exc).__name__, detail=str(exc))
+            _log.warning(
+                "redis.disconnected", url=self._redacted_url, error=type(exc).__name__, detail=str(exc)
+            )
         self._ensure_probe()
 
     async def close(self) -> None:

@@ -73,8 +73,9 @@ def build_price_lookup(config: ModelsConfig) -> dict[str, Price | None]:
     return prices
 
 
-def build_services(settings: Settings, *, registry: CollectorRegistry | None = None,
-                   base_url: str | None = None) -> Services:
+def build_services(
+    settings: Settings, *, registry: CollectorRegistry | None = None, base_url: str | None = None
+) -> Services:
     """Everything the app needs, built once; raises ConfigError for a broken models file."""
     configure_dspy()
     metrics = Metrics(registry or CollectorRegistry())

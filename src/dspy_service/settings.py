@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     service_name: str = "complete-production-service"
     service_version: str = "0.1.0"
-    host: str = "0.0.0.0"  # noqa: S104 - a container service listens on every interface by design
+    host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     log_level: LogLevel = "info"

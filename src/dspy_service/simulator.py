@@ -201,7 +201,9 @@ class Simulator:
         }
         return Response(orjson.dumps(payload), media_type="application/json")
 
-    async def _stream(self, completion_id: str, model: str, content: str, usage: dict[str, int] | None) -> Any:
+    async def _stream(
+        self, completion_id: str, model: str, content: str, usage: dict[str, int] | None
+    ) -> Any:
         created = int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None, extra: dict[str, Any] | None = None) -> bytes:
@@ -222,8 +224,14 @@ class Simulator:
             await asyncio.sleep(0.001)
         yield chunk({}, "stop")
         if usage is not None:
-            tail = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": model, "choices": [], "usage": usage}
+            tail = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
             yield b"data: " + orjson.dumps(tail) + b"\n\n"
         yield b"data: [DONE]\n\n"
 

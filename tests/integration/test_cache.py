@@ -114,8 +114,9 @@ def test_memory_ttl_shorter_than_redis_ttl_falls_back_to_redis(
     assert sim.stats()["calls"] == 1
 
 
-def test_keys_live_under_one_versioned_prefix(shared_service: ServiceProcess, redis_server: RedisServer,
-                                              sim: Simulator) -> None:
+def test_keys_live_under_one_versioned_prefix(
+    shared_service: ServiceProcess, redis_server: RedisServer, sim: Simulator
+) -> None:
     """Cache entries in Redis are under `dspy-service:v1:cache:` and carry a TTL."""
     ask(shared_service, input=unique())
     reply = redis_server.command("KEYS", "*")
@@ -132,8 +133,13 @@ def _write_models_file(path: Path, program: Path | None) -> Path:
     if program is not None:
         variant["program"] = str(program)
     config = {
-        "models": {"gpt-4": {"name": "openai/gpt-4", "cost_per_1k_input_tokens": 0.03,
-                             "cost_per_1k_output_tokens": 0.06}},
+        "models": {
+            "gpt-4": {
+                "name": "openai/gpt-4",
+                "cost_per_1k_input_tokens": 0.03,
+                "cost_per_1k_output_tokens": 0.06,
+            }
+        },
         "variants": {"baseline": variant},
     }
     path.write_text(json.dumps(config))

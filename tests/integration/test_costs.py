@@ -42,8 +42,9 @@ def isolated_redis(redis_server: RedisServer) -> RedisServer:
     return redis_server
 
 
-def test_tokens_and_cost_are_what_the_provider_reported(service_factory: ServiceFactory, sim: Simulator,
-                                                        isolated_redis: RedisServer) -> None:
+def test_tokens_and_cost_are_what_the_provider_reported(
+    service_factory: ServiceFactory, sim: Simulator, isolated_redis: RedisServer
+) -> None:
     """Per-response tokens equal the simulator's usage figures; cost is tokens times configured prices."""
     service = service_factory()
     body = ask(service, input=unique(), variant="cot")
@@ -52,17 +53,22 @@ def test_tokens_and_cost_are_what_the_provider_reported(service_factory: Service
     assert stats["calls"] == 1
     assert meta["input_tokens"] == stats["prompt_tokens"]
     assert meta["output_tokens"] == stats["completion_tokens"]
-    assert meta["cost_usd"] == pytest.approx(stats["prompt_tokens"] * GPT4_IN + stats["completion_tokens"] * GPT4_OUT)
+    assert meta["cost_usd"] == pytest.approx(
+        stats["prompt_tokens"] * GPT4_IN + stats["completion_tokens"] * GPT4_OUT
+    )
     assert meta["cost_known"] is True
     metrics = service.http.get("/metrics").text
     labels = {"model": "gpt-4", "variant": "cot"}
     assert metric_value(metrics, "dspy_token_usage_total", type="input", **labels) == stats["prompt_tokens"]
-    assert metric_value(metrics, "dspy_token_usage_total", type="output", **labels) == stats["completion_tokens"]
+    assert (
+        metric_value(metrics, "dspy_token_usage_total", type="output", **labels) == stats["completion_tokens"]
+    )
     assert metric_value(metrics, "dspy_prediction_cost_total", **labels) == pytest.approx(meta["cost_usd"])
 
 
-def test_costs_endpoint_totals_by_model_and_variant(service_factory: ServiceFactory, sim: Simulator,
-                                                    isolated_redis: RedisServer) -> None:
+def test_costs_endpoint_totals_by_model_and_variant(
+    service_factory: ServiceFactory, sim: Simulator, isolated_redis: RedisServer
+) -> None:
     """/costs has the spec's shape per model:variant, plus cache hits and savings."""
     service = service_factory()
     question = unique()
@@ -72,8 +78,13 @@ def test_costs_endpoint_totals_by_model_and_variant(service_factory: ServiceFact
     costs = service.http.get("/costs").json()
     assert set(costs) == {"gpt-4:baseline", "gpt-3.5-turbo:baseline"}
     row = costs["gpt-4:baseline"]
-    assert set(row) >= {"total_requests", "total_input_tokens", "total_output_tokens", "total_cost_usd",
-                        "last_updated"}
+    assert set(row) >= {
+        "total_requests",
+        "total_input_tokens",
+        "total_output_tokens",
+        "total_cost_usd",
+        "last_updated",
+    }
     assert row["total_requests"] == 2
     assert row["cache_hits"] == 1
     assert row["total_input_tokens"] == miss["metadata"]["input_tokens"]
@@ -96,9 +107,10 @@ def _models_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_unknown_price_is_null_and_flagged_never_zero(service_factory: ServiceFactory, sim: Simulator,
-                                                      isolated_redis: RedisServer, tmp_path: Path) -> None:
-    """A model with no configured or bundled price reports cost null, cost_known false, counted as unpriced."""
+def test_unknown_price_is_null_and_flagged_never_zero(
+    service_factory: ServiceFactory, sim: Simulator, isolated_redis: RedisServer, tmp_path: Path
+) -> None:
+    """No configured or bundled price: cost null, cost_known false, counted as unpriced."""
     service = service_factory(MODELS_CONFIG=str(_models_file(tmp_path)))
     meta = ask(service, input=unique(), model="mystery")["metadata"]
     assert meta["cost_usd"] is None
@@ -107,11 +119,14 @@ def test_unknown_price_is_null_and_flagged_never_zero(service_factory: ServiceFa
     row = service.http.get("/costs").json()["mystery:baseline"]
     assert row["unpriced_requests"] == 1
     metrics = service.http.get("/metrics").text
-    assert metric_value(metrics, "dspy_unpriced_predictions_total", model="openai/sim-model-nobody-prices") == 1
+    assert (
+        metric_value(metrics, "dspy_unpriced_predictions_total", model="openai/sim-model-nobody-prices") == 1
+    )
 
 
-def test_bundled_dspy_prices_fill_in_for_unconfigured_models(service_factory: ServiceFactory, sim: Simulator,
-                                                             isolated_redis: RedisServer, tmp_path: Path) -> None:
+def test_bundled_dspy_prices_fill_in_for_unconfigured_models(
+    service_factory: ServiceFactory, sim: Simulator, isolated_redis: RedisServer, tmp_path: Path
+) -> None:
     """Without configured prices, DSPy's bundled price data prices a model it knows."""
     service = service_factory(MODELS_CONFIG=str(_models_file(tmp_path)))
     meta = ask(service, input=unique(), model="bundled")["metadata"]
@@ -119,8 +134,9 @@ def test_bundled_dspy_prices_fill_in_for_unconfigured_models(service_factory: Se
     assert meta["cost_usd"] > 0
 
 
-def test_replicas_share_cache_and_report_fleet_wide_costs(service_factory: ServiceFactory, sim: Simulator,
-                                                          isolated_redis: RedisServer) -> None:
+def test_replicas_share_cache_and_report_fleet_wide_costs(
+    service_factory: ServiceFactory, sim: Simulator, isolated_redis: RedisServer
+) -> None:
     """Two services on one Redis: B hits A's entry from Redis, and both /costs show the same fleet totals."""
     replica_a = service_factory(name="a")
     replica_b = service_factory(name="b")
@@ -144,8 +160,9 @@ def test_replicas_share_cache_and_report_fleet_wide_costs(service_factory: Servi
     assert row["total_cost_usd"] > miss["metadata"]["cost_usd"]
 
 
-def test_costs_survive_a_restart_of_the_replica(service_factory: ServiceFactory, sim: Simulator,
-                                                isolated_redis: RedisServer) -> None:
+def test_costs_survive_a_restart_of_the_replica(
+    service_factory: ServiceFactory, sim: Simulator, isolated_redis: RedisServer
+) -> None:
     """Fleet totals live in Redis: a replica restarted later still reports what was spent before."""
     first = service_factory(name="first")
     cost = ask(first, input=unique())["metadata"]["cost_usd"]

@@ -48,8 +48,9 @@ def assert_error(response: httpx.Response, status: int, error_type: str, *mentio
         ({"model": "gpt-4", "input": "hi", "parameters": {"question": "again"}}, "question"),
     ],
 )
-def test_invalid_bodies_are_422_naming_the_field(shared_service: ServiceProcess, payload: dict[str, Any],
-                                                 mention: str) -> None:
+def test_invalid_bodies_are_422_naming_the_field(
+    shared_service: ServiceProcess, payload: dict[str, Any], mention: str
+) -> None:
     """Each invalid body gets a 422 whose message names the offending field."""
     assert_error(shared_service.http.post("/v1/predict", json=payload), 422, "invalid_request", mention)
 
@@ -57,17 +58,28 @@ def test_invalid_bodies_are_422_naming_the_field(shared_service: ServiceProcess,
 def test_malformed_json_and_non_utf8_are_422(shared_service: ServiceProcess) -> None:
     """Broken JSON and bytes that are not UTF-8 are refused as invalid, not a 500."""
     for raw in (b"{not json", b"\xff\xfe\x00garbage", b"", b"[]", b"null"):
-        response = shared_service.http.post("/v1/predict", content=raw,
-                                            headers={"Content-Type": "application/json"})
+        response = shared_service.http.post(
+            "/v1/predict", content=raw, headers={"Content-Type": "application/json"}
+        )
         assert_error(response, 422, "invalid_request")
 
 
 def test_unknown_model_and_variant_are_404(shared_service: ServiceProcess) -> None:
     """Unknown names are 404 and the message lists the known ones."""
-    assert_error(shared_service.http.post("/v1/predict", json={"model": "gpt-9", "input": "hi"}),
-                 404, "not_found", "gpt-9", "gpt-4")
-    assert_error(shared_service.http.post("/v1/predict", json={"model": "gpt-4", "variant": "x", "input": "hi"}),
-                 404, "not_found", "'x'", "baseline")
+    assert_error(
+        shared_service.http.post("/v1/predict", json={"model": "gpt-9", "input": "hi"}),
+        404,
+        "not_found",
+        "gpt-9",
+        "gpt-4",
+    )
+    assert_error(
+        shared_service.http.post("/v1/predict", json={"model": "gpt-4", "variant": "x", "input": "hi"}),
+        404,
+        "not_found",
+        "'x'",
+        "baseline",
+    )
 
 
 def test_unknown_route_and_method_use_the_error_shape(shared_service: ServiceProcess) -> None:
@@ -97,7 +109,9 @@ def test_provider_error_is_502(shared_service: ServiceProcess, sim: Simulator) -
     assert sim.stats()["calls"] == 3  # the first try and max_retries (2) more
 
 
-def test_provider_rejecting_the_content_is_a_client_error(shared_service: ServiceProcess, sim: Simulator) -> None:
+def test_provider_rejecting_the_content_is_a_client_error(
+    shared_service: ServiceProcess, sim: Simulator
+) -> None:
     """A 400 from the provider (e.g. prompt too long) is the client's problem: 422, not retried."""
     sim.configure(error_rate=1.0, error_status=400)
     response = shared_service.http.post("/v1/predict", json={"model": "gpt-3.5-turbo", "input": unique()})
@@ -108,8 +122,15 @@ def test_provider_rejecting_the_content_is_a_client_error(shared_service: Servic
 def test_provider_timeout_is_504(service_factory: ServiceFactory, sim: Simulator, tmp_path: Path) -> None:
     """A provider that never answers gives 504 once the model's timeout passes."""
     config = {
-        "models": {"slow": {"name": "openai/gpt-4", "request_timeout_secs": 0.5, "max_retries": 0,
-                            "cost_per_1k_input_tokens": 0.03, "cost_per_1k_output_tokens": 0.06}},
+        "models": {
+            "slow": {
+                "name": "openai/gpt-4",
+                "request_timeout_secs": 0.5,
+                "max_retries": 0,
+                "cost_per_1k_input_tokens": 0.03,
+                "cost_per_1k_output_tokens": 0.06,
+            }
+        },
         "variants": {"baseline": {"signature": "question -> answer"}},
     }
     models = tmp_path / "models.yaml"
@@ -123,21 +144,35 @@ def test_provider_timeout_is_504(service_factory: ServiceFactory, sim: Simulator
 @pytest.mark.parametrize(
     ("models_yaml", "mentions"),
     [
-        ("models: {m: {name: openai/gpt-4}}\nvariants: {baseline: {signature: 'q -> a', module: react}}",
-         ["variants.baseline.module", "predict"]),
-        ("models: {m: {name: openai/gpt-4}}\nvariants: {baseline: {signature: 'q -> a', program: missing.json}}",
-         ["variants.baseline.program", "missing.json"]),
-        ("models: {m: {name: openai/gpt-4, cost_per_1k_input_tokens: -1, cost_per_1k_output_tokens: 1}}\n"
-         "variants: {baseline: {signature: 'q -> a'}}", ["models.m.cost_per_1k_input_tokens"]),
-        ("models: {m: {name: openai/gpt-4}}\nvariants: {baseline: {signature: 'no arrow'}}",
-         ["variants.baseline.signature"]),
-        ("models: {m: {name: openai/gpt-4, fallbacks: [ghost]}}\nvariants: {baseline: {signature: 'q -> a'}}",
-         ["ghost"]),
+        (
+            "models: {m: {name: openai/gpt-4}}\nvariants: {baseline: {signature: 'q -> a', module: react}}",
+            ["variants.baseline.module", "predict"],
+        ),
+        (
+            "models: {m: {name: openai/gpt-4}}\n"
+            "variants: {baseline: {signature: 'q -> a', program: missing.json}}",
+            ["variants.baseline.program", "missing.json"],
+        ),
+        (
+            "models: {m: {name: openai/gpt-4, cost_per_1k_input_tokens: -1, cost_per_1k_output_tokens: 1}}\n"
+            "variants: {baseline: {signature: 'q -> a'}}",
+            ["models.m.cost_per_1k_input_tokens"],
+        ),
+        (
+            "models: {m: {name: openai/gpt-4}}\nvariants: {baseline: {signature: 'no arrow'}}",
+            ["variants.baseline.signature"],
+        ),
+        (
+            "models: {m: {name: openai/gpt-4, fallbacks: [ghost]}}\n"
+            "variants: {baseline: {signature: 'q -> a'}}",
+            ["ghost"],
+        ),
         ("models: [unclosed", ["not valid YAML"]),
     ],
 )
-def test_a_broken_models_file_stops_start_up_naming_the_problem(tmp_path: Path, models_yaml: str,
-                                                                mentions: list[str]) -> None:
+def test_a_broken_models_file_stops_start_up_naming_the_problem(
+    tmp_path: Path, models_yaml: str, mentions: list[str]
+) -> None:
     """Start-up stops (exit 2) with a message naming the file, the entry and the problem."""
     path = tmp_path / "broken-models.yaml"
     path.write_text(models_yaml)

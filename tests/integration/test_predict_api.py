@@ -14,10 +14,13 @@ def unique(text: str = "question") -> str:
     return f"{text} {uuid.uuid4().hex}"
 
 
-def test_predict_returns_the_spec_fields_and_every_output(shared_service: ServiceProcess, sim: Simulator) -> None:
+def test_predict_returns_the_spec_fields_and_every_output(
+    shared_service: ServiceProcess, sim: Simulator
+) -> None:
     """A miss answers with the spec's fields, the main output and all output fields."""
     response = shared_service.http.post(
-        "/v1/predict", json={"model": "gpt-3.5-turbo", "variant": "cot", "input": unique("Why is the sky blue?")}
+        "/v1/predict",
+        json={"model": "gpt-3.5-turbo", "variant": "cot", "input": unique("Why is the sky blue?")},
     )
     assert response.status_code == 200, response.text
     body = response.json()
@@ -27,8 +30,15 @@ def test_predict_returns_the_spec_fields_and_every_output(shared_service: Servic
     assert set(body["outputs"]) == {"reasoning", "answer"}
     assert body["output"] == body["outputs"]["answer"]
     meta = body["metadata"]
-    assert set(meta) >= {"latency_ms", "cached", "cache_level", "input_tokens", "output_tokens", "cost_usd",
-                         "timestamp"}
+    assert set(meta) >= {
+        "latency_ms",
+        "cached",
+        "cache_level",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "timestamp",
+    }
     assert meta["cached"] is False
     assert meta["cache_level"] is None
     assert meta["input_tokens"] > 0

@@ -29,7 +29,9 @@ def test_starts_and_serves_with_redis_down(service_factory: ServiceFactory) -> N
 
 def test_redis_required_makes_readiness_depend_on_it(service_factory: ServiceFactory) -> None:
     """REDIS_REQUIRED=true: /ready is 503 while Redis is unreachable; /health stays 200."""
-    service = service_factory(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", REDIS_REQUIRED="true", wait=False)
+    service = service_factory(
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", REDIS_REQUIRED="true", wait=False
+    )
     from tests.support.processes import wait_until
 
     def answers() -> bool:
@@ -50,10 +52,13 @@ def test_without_a_key_the_builtin_simulator_answers_and_says_so(service_factory
     health = service.http.get("/health").json()
     assert "simulator" in health["provider"]
     assert "OPENAI_API_KEY" in health["warning"]
-    response = service.http.post("/v1/predict", json={"model": "gpt-3.5-turbo",
-                                                      "input": "What is the capital of France?",
-                                                      "use_cache": False})
+    response = service.http.post(
+        "/v1/predict",
+        json={"model": "gpt-3.5-turbo", "input": "What is the capital of France?", "use_cache": False},
+    )
     assert response.status_code == 200, response.text
     assert "Paris" in response.json()["output"]
-    assert any(line.get("event") == "provider.simulated" and line["level"] == "warning"
-               for line in service.log_lines())
+    assert any(
+        line.get("event") == "provider.simulated" and line["level"] == "warning"
+        for line in service.log_lines()
+    )

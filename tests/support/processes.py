@@ -55,8 +55,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                LOOPBACK,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -109,7 +120,16 @@ class Simulator:
     def start(self) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dspy_service.cli", "simulate", "--host", LOOPBACK, "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "dspy_service.cli",
+                    "simulate",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(self.port),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -125,7 +145,9 @@ class Simulator:
         self.http.post("/_sim/config", json=knobs).raise_for_status()
 
     def reset(self) -> None:
-        self.configure(latency_ms=0, jitter_ms=0, error_rate=0, error_status=500, retry_after=None, hang=False)
+        self.configure(
+            latency_ms=0, jitter_ms=0, error_rate=0, error_status=500, retry_after=None, hang=False
+        )
         self.http.post("/_sim/reset").raise_for_status()
 
     def stats(self) -> dict[str, Any]:
@@ -210,15 +232,23 @@ class ServiceProcess:
 def _clean_environment() -> dict[str, str]:
     """The test runner's environment without anything that configures the service."""
     skip_prefixes = ("OPENAI_", "REDIS_", "MODELS_", "CIRCUIT_", "MEMORY_", "LOG_", "SERVICE_", "API_KEYS")
-    return {k: v for k, v in os.environ.items() if not k.startswith(skip_prefixes) and k not in ("PORT", "HOST")}
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(skip_prefixes) and k not in ("PORT", "HOST")
+    }
 
 
-def run_service_expecting_failure(env: Mapping[str, str], workdir: Path, timeout: float = 60) -> tuple[int, str]:
+def run_service_expecting_failure(
+    env: Mapping[str, str], workdir: Path, timeout: float = 60
+) -> tuple[int, str]:
     """Start the service and expect it to exit on its own; return (exit code, output)."""
     full_env = {**_clean_environment(), "PORT": str(free_port()), "HOST": LOOPBACK, **env}
     done = subprocess.run(
         [sys.executable, "-m", "dspy_service.cli", "serve"],
-        env=full_env, cwd=workdir, capture_output=True, timeout=timeout, check=False,
+        env=full_env,
+        cwd=workdir,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
     )
     return done.returncode, (done.stdout + done.stderr).decode("utf-8", errors="replace")
 

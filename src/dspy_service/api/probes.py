@@ -39,8 +39,9 @@ async def ready(request: Request) -> Response:
     checks = {
         "started": services.lifecycle.started,
         "accepting": not services.lifecycle.draining,
-        "redis": "connected" if redis_ok else ("required but unreachable" if services.settings.redis_required
-                                               else "optional, unreachable"),
+        "redis": "connected"
+        if redis_ok
+        else ("required but unreachable" if services.settings.redis_required else "optional, unreachable"),
     }
     ready_now = services.lifecycle.started and not services.lifecycle.draining
     if services.settings.redis_required and not redis_ok:

@@ -25,4 +25,6 @@ def error_response(exc: ServiceError, request_id: str | None) -> JSONResponse:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return JSONResponse(error_body(exc.type, exc.message, request_id), status_code=exc.status, headers=headers)
+    return JSONResponse(
+        error_body(exc.type, exc.message, request_id), status_code=exc.status, headers=headers
+    )
