@@ -1,0 +1,78 @@
+"""Properties of the cache key: equal requests collide, any meaningful change separates them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dspy_service.cache import CachedAnswer, MemoryCache, cache_key
+
+BASE: dict[str, Any] = {
+    "model": "gpt-4",
+    "model_id": "openai/gpt-4",
+    "variant": "baseline",
+    "program_fingerprint": "abc123",
+    "input_text": "What is the capital of France?",
+    "parameters": {"temperature": 0.5, "max_tokens": 100},
+}
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**53), 2**53),
+    st.text(max_size=20),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+parameters = st.dictionaries(st.text(min_size=1, max_size=12), json_scalars, max_size=6)
+
+
+@given(parameters)
+def test_parameter_order_does_not_change_the_key(params: dict[str, Any]) -> None:
+    """The same parameters in any insertion order give the same key."""
+    reordered = dict(reversed(list(params.items())))
+    assert cache_key(**{**BASE, "parameters": params}) == cache_key(**{**BASE, "parameters": reordered})
+
+
+@given(
+    st.sampled_from(["model", "model_id", "variant", "program_fingerprint", "input_text"]),
+    st.text(max_size=30),
+)
+def test_any_change_to_an_identity_field_changes_the_key(field: str, value: str) -> None:
+    """Changing model, provider model, variant, program or input gives another key."""
+    changed = {**BASE, field: value}
+    if value != BASE[field]:
+        assert cache_key(**changed) != cache_key(**BASE)
+
+
+@given(parameters, st.text(min_size=1, max_size=12), json_scalars)
+def test_any_change_to_a_parameter_changes_the_key(params: dict[str, Any], name: str, value: Any) -> None:
+    """Adding, removing or changing any parameter gives another key."""
+    changed = {**params, name: value}
+    if changed != params:
+        assert cache_key(**{**BASE, "parameters": changed}) != cache_key(**{**BASE, "parameters": params})
+
+
+def test_int_and_float_parameters_are_distinct_but_stable() -> None:
+    """Keys are deterministic across calls."""
+    assert cache_key(**BASE) == cache_key(**BASE)
+
+
+def test_cached_answer_round_trips_through_bytes() -> None:
+    """What Redis stores reads back as the same answer."""
+    answer = CachedAnswer({"answer": "Paris", "n": [1, 2]}, "Paris", "gpt-4", 10, 3, None)
+    assert CachedAnswer.from_bytes(answer.to_bytes()) == answer
+
+
+def test_memory_cache_evicts_least_recently_used() -> None:
+    """A full memory level drops the entry used least recently."""
+    cache = MemoryCache(max_entries=2, ttl_secs=60)
+    answers = [CachedAnswer({}, str(i), "m", 0, 0, 0.0) for i in range(3)]
+    cache.set("a", answers[0])
+    cache.set("b", answers[1])
+    assert cache.get("a") is answers[0]
+    cache.set("c", answers[2])
+    assert cache.get("b") is None
+    assert cache.get("a") is answers[0]
+    assert len(cache) == 2
