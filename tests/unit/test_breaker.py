@@ -38,9 +38,9 @@ def test_opens_after_consecutive_failures_only() -> None:
     breaker.record_success()
     for _ in range(2):
         breaker.record_failure()
-    assert breaker.state == "closed"
+    assert state_of(breaker) == "closed"
     breaker.record_failure()
-    assert breaker.state == "open"
+    assert state_of(breaker) == "open"
     assert changes == [("closed", "open")]
     assert not breaker.try_acquire()
 
@@ -55,7 +55,7 @@ def test_half_open_after_timeout_with_bounded_trials() -> None:
     assert not breaker.try_acquire()
     assert breaker.retry_after() == 0.5
     clock.now += 0.5
-    assert breaker.state == "half_open"
+    assert state_of(breaker) == "half_open"
     assert breaker.try_acquire()
     assert not breaker.try_acquire()
 
@@ -68,10 +68,10 @@ def test_closes_after_success_threshold_in_half_open() -> None:
     clock.now += 10
     assert breaker.try_acquire()
     breaker.record_success()
-    assert breaker.state == "half_open"
+    assert state_of(breaker) == "half_open"
     assert breaker.try_acquire()
     breaker.record_success()
-    assert breaker.state == "closed"
+    assert state_of(breaker) == "closed"
     assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
 
 
@@ -83,7 +83,7 @@ def test_trial_failure_reopens_for_a_full_period() -> None:
     clock.now += 10
     assert breaker.try_acquire()
     breaker.record_failure()
-    assert breaker.state == "open"
+    assert state_of(breaker) == "open"
     assert breaker.retry_after() == 10
 
 

@@ -44,7 +44,7 @@ def test_redact_url_hides_credentials(url: str, expected: str) -> None:
 def test_public_view_has_no_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The /config view redacts the API key and the Redis password."""
     monkeypatch.chdir(tmp_path)
-    settings = Settings(openai_api_key="sk-very-secret", redis_url="redis://:pw-secret@h:1")  # type: ignore[arg-type]
+    settings = Settings(openai_api_key="sk-very-secret", redis_url="redis://:pw-secret@h:1")
     view = str(settings.public_view())
     assert "sk-very-secret" not in view
     assert "pw-secret" not in view
