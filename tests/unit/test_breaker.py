@@ -13,6 +13,11 @@ class FakeClock:
         return self.now
 
 
+def state_of(breaker: CircuitBreaker) -> str:
+    """The state, read fresh (a plain str so each read is its own value to the type checker)."""
+    return breaker.state
+
+
 def make(
     clock: FakeClock, **overrides: int
 ) -> tuple[CircuitBreaker, list[tuple[BreakerState, BreakerState]]]:
