@@ -1,0 +1,354 @@
+"""Faults injected for real: a failing or hanging provider, Redis killed or frozen, SIGTERM.
+
+Each test prints the counts it saw, so a CI log shows what the clients experienced.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ServiceFactory, base_env
+from tests.support.processes import RedisServer, ServiceProcess, Simulator, free_port, wait_until
+
+
+def unique(text: str = "question") -> str:
+    return f"{text} {uuid.uuid4().hex}"
+
+
+def post(client: httpx.Client, **body: Any) -> httpx.Response:
+    return client.post("/v1/predict", json={"model": "gpt-3.5-turbo", **body})
+
+
+def metric(service: ServiceProcess, line_prefix: str) -> float:
+    for line in service.http.get("/metrics").text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric line {line_prefix}")
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone: it gets killed."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_breaker_opens_refuses_fast_and_recovers(service_factory: ServiceFactory, sim: Simulator) -> None:
+    """500s open the breaker; 100 requests are then refused at once without reaching the provider;
+    after the open time and a healed provider, the success threshold closes it."""
+    service = service_factory(CIRCUIT_BREAKER_FAILURE_THRESHOLD="5", CIRCUIT_BREAKER_TIMEOUT_SECS="2")
+    sim.configure(error_rate=1.0, error_status=500)
+    statuses = [post(service.http, input=unique()).status_code for _ in range(2)]
+    # 3 calls each (1 + max_retries 2): the 5th failure opens it during the second request's retries.
+    assert statuses == [502, 503]
+    assert sim.stats()["calls"] == 5
+    assert service.http.get("/health").json()["circuit_breakers"]["gpt-3.5-turbo"] == "open"
+    assert metric(service, 'dspy_circuit_breaker_state{model="gpt-3.5-turbo"}') == 1
+    calls_before = sim.stats()["calls"]
+
+    latencies, refused = [], Counter[str]()
+    for _ in range(100):
+        started = time.perf_counter()
+        response = post(service.http, input=unique())
+        latencies.append(time.perf_counter() - started)
+        refused[f"{response.status_code} {response.json()['error']['type']}"] += 1
+        assert int(response.headers["retry-after"]) >= 1
+    print(
+        f"\nopen breaker: {dict(refused)}; latency p50 {statistics.median(latencies) * 1000:.1f} ms, "
+        f"max {max(latencies) * 1000:.1f} ms; provider calls during: {sim.stats()['calls'] - calls_before}"
+    )
+    assert refused == {"503 circuit_open": 100}
+    assert sim.stats()["calls"] == calls_before
+    assert max(latencies) < 1.0  # a guard against waiting on the provider, not a timing goal
+
+    # Other models are unaffected.
+    assert service.http.get("/health").json()["circuit_breakers"]["gpt-4"] == "closed"
+
+    sim.configure(error_rate=0.0)
+    time.sleep(2.1)
+    assert service.http.get("/health").json()["circuit_breakers"]["gpt-3.5-turbo"] == "half_open"
+    assert post(service.http, input=unique()).status_code == 200
+    assert service.http.get("/health").json()["circuit_breakers"]["gpt-3.5-turbo"] == "half_open"
+    assert post(service.http, input=unique()).status_code == 200
+    assert service.http.get("/health").json()["circuit_breakers"]["gpt-3.5-turbo"] == "closed"
+    assert metric(service, 'dspy_circuit_breaker_state{model="gpt-3.5-turbo"}') == 0
+    transitions = [
+        (line["old"], line["new"])
+        for line in service.log_lines()
+        if line.get("event") == "breaker.transition"
+    ]
+    assert transitions == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+def test_hanging_provider_ends_every_request_by_its_deadline(
+    service_factory: ServiceFactory, sim: Simulator
+) -> None:
+    """With the provider hanging, every request ends with 504 at its deadline; none hangs."""
+    service = service_factory(REQUEST_TIMEOUT_SECS="1")
+    sim.configure(hang=True)
+
+    def one(_: int) -> tuple[int, str, float]:
+        with httpx.Client(base_url=service.url, timeout=10) as client:
+            started = time.perf_counter()
+            response = post(client, input=unique(), variant="cot")
+            return response.status_code, response.json()["error"]["type"], time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(one, range(10)))
+    durations = [duration for _, _, duration in results]
+    print(
+        f"\nhanging provider: {Counter((s, t) for s, t, _ in results)}; "
+        f"durations {min(durations):.2f}-{max(durations):.2f} s"
+    )
+    assert all((status, kind) == (504, "provider_timeout") for status, kind, _ in results)
+    assert max(durations) < 5  # deadline 1 s; far below the client's 10 s
+
+
+def test_redis_killed_under_load_costs_no_prediction(
+    service_factory: ServiceFactory, sim: Simulator, own_redis: RedisServer
+) -> None:
+    """600 requests while Redis is killed and restarted: zero failures; afterwards Redis hits return
+    and the cost totals kept during the outage reach Redis, without restarting the service."""
+    service = service_factory(REDIS_URL=own_redis.url, MEMORY_CACHE_SIZE="0", REDIS_TIMEOUT_SECS="0.2")
+    questions = [unique() for _ in range(40)]
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    sent = 0
+    sent_at_kill = 0
+
+    def one(i: int) -> None:
+        nonlocal sent
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            response = post(client, input=questions[i % len(questions)])
+        level = (
+            response.json().get("metadata", {}).get("cache_level") if response.status_code == 200 else None
+        )
+        with lock:
+            sent += 1
+            outcomes[f"{response.status_code} {level}"] += 1
+
+    def chaos() -> None:
+        nonlocal sent_at_kill
+        wait_until(lambda: sent >= 150, timeout=60, what="150 requests")
+        own_redis.kill()
+        sent_at_kill = sent
+        wait_until(lambda: sent >= 400, timeout=60, what="400 requests")
+        own_redis.start()
+
+    chaos_thread = threading.Thread(target=chaos)
+    chaos_thread.start()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, range(600)))
+    chaos_thread.join(timeout=60)
+    print(f"\nRedis killed under load: {dict(outcomes)}")
+    assert sum(count for key, count in outcomes.items() if key.startswith("200")) == 600
+
+    wait_until(
+        lambda: service.http.get("/health").json()["redis_connected"],
+        timeout=15,
+        what="the service to reconnect to Redis",
+    )
+    question = unique()
+    post(service.http, input=question)
+    assert post(service.http, input=question).json()["metadata"]["cache_level"] == "redis"
+
+    def fleet_total() -> int:
+        response = service.http.get("/costs")
+        if response.headers.get("x-costs-scope") != "fleet":
+            return -1
+        return int(response.json()["gpt-3.5-turbo:baseline"]["total_requests"])
+
+    # The killed Redis lost what it held; every request answered after the kill must be in the totals
+    # (kept while Redis was down and flushed when it came back), and nothing counted twice.
+    answered_after_kill = 600 - sent_at_kill + 2
+    wait_until(
+        lambda: fleet_total() >= answered_after_kill, timeout=10, what="pending cost totals to be flushed"
+    )
+    print(
+        f"fleet total after the outage: {fleet_total()} requests "
+        f"(>= {answered_after_kill} answered after the kill)"
+    )
+    assert fleet_total() <= 602
+
+
+def test_frozen_redis_delays_no_request_beyond_its_timeout(
+    service_factory: ServiceFactory, sim: Simulator, own_redis: RedisServer
+) -> None:
+    """A Redis that stops answering (SIGSTOP) costs a request at most the Redis timeout, then nothing."""
+    service = service_factory(REDIS_URL=own_redis.url, REDIS_TIMEOUT_SECS="0.2")
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        durations = []
+        for _ in range(20):
+            started = time.perf_counter()
+            response = post(service.http, input=unique())
+            durations.append(time.perf_counter() - started)
+            assert response.status_code == 200
+        print(
+            f"\nfrozen Redis: first {durations[0] * 1000:.0f} ms, then max {max(durations[1:]) * 1000:.0f} ms"
+        )
+        assert service.http.get("/health").json()["redis_connected"] is False
+        assert max(durations[1:]) < 0.5  # no Redis wait once it is known to be down
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    wait_until(
+        lambda: service.http.get("/health").json()["redis_connected"],
+        timeout=15,
+        what="the service to see Redis again",
+    )
+
+
+def test_sigterm_lets_in_flight_requests_finish(service_factory: ServiceFactory, sim: Simulator) -> None:
+    """SIGTERM during 20 slow requests: all 20 finish with 200, /ready says 503 meanwhile, exit code 0."""
+    service = service_factory(SHUTDOWN_GRACE_SECS="20")
+    sim.configure(latency_ms=2000)
+    results: list[int] = []
+
+    def one(_: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            results.append(post(client, input=unique(), use_cache=False).status_code)
+
+    pool = ThreadPoolExecutor(max_workers=20)
+    futures = [pool.submit(one, i) for i in range(20)]
+    wait_until(lambda: metric(service, "dspy_active_predictions") == 20, timeout=10, what="20 in flight")
+    service.signal(signal.SIGTERM)
+    ready_statuses = []
+    for _ in range(5):
+        ready_statuses.append(service.http.get("/ready").status_code)
+        time.sleep(0.1)
+    for future in futures:
+        future.result(timeout=30)
+    pool.shutdown()
+    exit_code = service.wait(timeout=30)
+    print(
+        f"\nSIGTERM: request statuses {Counter(results)}, /ready during drain {Counter(ready_statuses)}, "
+        f"exit code {exit_code}"
+    )
+    assert results == [200] * 20
+    assert set(ready_statuses) == {503}
+    assert exit_code == 0
+    events = [line.get("event") for line in service.log_lines()]
+    assert "service.draining" in events
+    assert "service.stopped" in events
+
+
+def test_fallback_answers_when_the_primary_is_down(
+    service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
+) -> None:
+    """Primary unreachable: the fallback answers and the response names it; once the primary's breaker
+    is open the fallback answers without trying the primary."""
+    config = {
+        "models": {
+            "primary": {
+                "name": "openai/gpt-4",
+                "api_base": f"http://127.0.0.1:{free_port()}/v1",
+                "max_retries": 0,
+                "fallbacks": ["backup"],
+                "cost_per_1k_input_tokens": 0.03,
+                "cost_per_1k_output_tokens": 0.06,
+            },
+            "backup": {
+                "name": "openai/gpt-3.5-turbo",
+                "cost_per_1k_input_tokens": 0.0005,
+                "cost_per_1k_output_tokens": 0.0015,
+            },
+        },
+        "variants": {"baseline": {"signature": "question -> answer"}},
+    }
+    models = tmp_path / "models.yaml"
+    models.write_text(json.dumps(config))
+    service = service_factory(MODELS_CONFIG=str(models), CIRCUIT_BREAKER_FAILURE_THRESHOLD="2")
+    served = []
+    for _ in range(4):
+        response = service.http.post("/v1/predict", json={"model": "primary", "input": unique()})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "primary"
+        served.append(body["model_served"])
+    print(f"\nfallback: served by {Counter(served)}")
+    assert served == ["backup"] * 4
+    assert service.http.get("/health").json()["circuit_breakers"]["primary"] == "open"
+    assert sim.stats()["by_model"] == {"gpt-3.5-turbo": 4}
+
+
+def test_too_many_in_flight_are_refused_quickly(service_factory: ServiceFactory, sim: Simulator) -> None:
+    """Beyond MAX_IN_FLIGHT upstream calls, new misses get 503 overloaded at once instead of queueing."""
+    service = service_factory(MAX_IN_FLIGHT="3")
+    sim.configure(latency_ms=1500)
+
+    def one(_: int) -> int:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            return post(client, input=unique(), use_cache=False).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = Counter(pool.map(one, range(8)))
+    print(f"\nMAX_IN_FLIGHT=3 with 8 at once: {dict(statuses)}")
+    assert statuses == {200: 3, 503: 5}
+
+
+def test_soak_memory_stays_flat(
+    service_factory: ServiceFactory, sim: Simulator, own_redis: RedisServer, simulator: Simulator
+) -> None:
+    """20,000 mixed requests (hits, misses, errors): resident memory at the end within 10% of its value
+    after the first 2,000."""
+    env = {**base_env(own_redis, simulator), "MEMORY_CACHE_SIZE": "500", "LOG_LEVEL": "warn"}
+    service = service_factory(**env)
+    assert service.process is not None
+    pid = service.process.pid
+
+    def rss_kib() -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    pool_inputs = [unique() for _ in range(300)]
+    counts: Counter[int] = Counter()
+
+    def batch(start: int, count: int) -> None:
+        def one(i: int) -> int:
+            kind = i % 10
+            if kind == 0:
+                return post(client, input=unique(), use_cache=False).status_code  # miss
+            if kind == 1:
+                return client.post("/v1/predict", json={"model": "nope", "input": "x"}).status_code  # 404
+            if kind == 2:
+                return post(client, input=unique()).status_code  # miss, stored (evicts)
+            return post(client, input=pool_inputs[i % len(pool_inputs)]).status_code  # mostly hits
+
+        with (
+            httpx.Client(base_url=service.url, timeout=30) as client,
+            ThreadPoolExecutor(max_workers=8) as pool,
+        ):
+            counts.update(pool.map(one, range(start, start + count)))
+
+    batch(0, 2000)
+    baseline = rss_kib()
+    for start in range(2000, 20000, 3000):
+        batch(start, 3000)
+    final = rss_kib()
+    print(
+        f"\nsoak: {dict(counts)}; RSS after 2,000: {baseline / 1024:.1f} MiB, "
+        f"after 20,000: {final / 1024:.1f} MiB "
+        f"({(final - baseline) / baseline:+.1%})"
+    )
+    assert sum(counts.values()) == 20000
+    assert counts[200] == 18000
+    assert counts[404] == 2000
+    assert final <= baseline * 1.10
