@@ -1,0 +1,1 @@
+"""Load benchmarks for dspy-service: `make bench` (`python -m bench.run`)."""

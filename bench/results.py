@@ -1,0 +1,329 @@
+"""What a benchmark measured, the issue's targets, and the report (markdown and JSON)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.wrk import WrkResult
+
+
+@dataclass(frozen=True, slots=True)
+class RunSample:
+    """One measured wrk run and what the server spent on it."""
+
+    wrk: WrkResult
+    cpu_ms_per_request: float
+    provider_calls_per_request: float | None
+    redis_commands_per_request: float | None
+    # Share of the server's core that other processes (or the hypervisor) took during the run.
+    foreign_cpu_share: float | None = None
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    key: str
+    label: str
+    connections: int
+    samples: list[RunSample] = field(default_factory=list)
+    rss_mb: float | None = None
+    check: str = ""
+    failure: str | None = None
+
+    def _median(self, value: Callable[[RunSample], float | None]) -> float | None:
+        values = [v for v in (value(s) for s in self.samples) if v is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def rps(self) -> float | None:
+        return self._median(lambda s: s.wrk.requests_per_s)
+
+    @property
+    def rps_range(self) -> tuple[float, float] | None:
+        values = [s.wrk.requests_per_s for s in self.samples]
+        return (min(values), max(values)) if values else None
+
+    @property
+    def p50_ms(self) -> float | None:
+        return self._median(lambda s: s.wrk.p50_ms)
+
+    @property
+    def p50_range(self) -> tuple[float, float] | None:
+        values = [s.wrk.p50_ms for s in self.samples]
+        return (min(values), max(values)) if values else None
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self._median(lambda s: s.wrk.p99_ms)
+
+    @property
+    def cpu_ms(self) -> float | None:
+        return self._median(lambda s: s.cpu_ms_per_request)
+
+    @property
+    def provider_calls(self) -> float | None:
+        return self._median(lambda s: s.provider_calls_per_request)
+
+    @property
+    def redis_commands(self) -> float | None:
+        return self._median(lambda s: s.redis_commands_per_request)
+
+    @property
+    def foreign_cpu_share(self) -> float | None:
+        return self._median(lambda s: s.foreign_cpu_share)
+
+    @property
+    def errors(self) -> int:
+        return sum(s.wrk.errors for s in self.samples)
+
+    @property
+    def requests(self) -> int:
+        return sum(s.wrk.requests for s in self.samples)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "label": self.label,
+            "connections": self.connections,
+            "failure": self.failure,
+            "check": self.check,
+            "rss_mb": self.rss_mb,
+            "median": {
+                "requests_per_s": self.rps,
+                "p50_ms": self.p50_ms,
+                "p99_ms": self.p99_ms,
+                "cpu_ms_per_request": self.cpu_ms,
+                "provider_calls_per_request": self.provider_calls,
+                "redis_commands_per_request": self.redis_commands,
+                "foreign_cpu_share": self.foreign_cpu_share,
+            },
+            "requests_per_s_range": self.rps_range,
+            "p50_ms_range": self.p50_range,
+            "errors": self.errors,
+            "runs": [
+                {
+                    "requests": s.wrk.requests,
+                    "duration_s": s.wrk.duration_s,
+                    "requests_per_s": s.wrk.requests_per_s,
+                    "errors_socket": s.wrk.errors_socket,
+                    "errors_status": s.wrk.errors_status,
+                    "p50_ms": s.wrk.p50_ms,
+                    "p90_ms": s.wrk.p90_ms,
+                    "p99_ms": s.wrk.p99_ms,
+                    "mean_ms": s.wrk.mean_ms,
+                    "max_ms": s.wrk.max_ms,
+                    "cpu_ms_per_request": s.cpu_ms_per_request,
+                    "provider_calls_per_request": s.provider_calls_per_request,
+                    "redis_commands_per_request": s.redis_commands_per_request,
+                    "foreign_cpu_share": s.foreign_cpu_share,
+                }
+                for s in self.samples
+            ],
+        }
+
+
+@dataclass(slots=True)
+class BenchResults:
+    settings: dict[str, Any]
+    scenarios: list[ScenarioResult] = field(default_factory=list)
+    startup_s: list[float] = field(default_factory=list)
+    idle_rss_mb: float | None = None
+    dspy: dict[str, Any] | None = None
+    profiles: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def find(self, key: str, connections: int) -> ScenarioResult | None:
+        for scenario in self.scenarios:
+            if scenario.key == key and scenario.connections == connections and not scenario.failure:
+                return scenario
+        return None
+
+    @property
+    def startup_median_s(self) -> float | None:
+        return statistics.median(self.startup_s) if self.startup_s else None
+
+    @property
+    def service_rss_mb(self) -> float | None:
+        """The service's largest resident memory after any of its runs."""
+        values = [
+            s.rss_mb
+            for s in self.scenarios
+            if s.rss_mb is not None and s.key in ("memory_hit", "redis_hit", "miss_0ms", "miss_50ms")
+        ]
+        return max(values) if values else None
+
+    def ratios(self) -> list[Ratio]:
+        return compute_ratios(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "scenarios": [s.to_json() for s in self.scenarios],
+            "startup_s": {"runs": self.startup_s, "median": self.startup_median_s},
+            "idle_rss_mb": self.idle_rss_mb,
+            "service_rss_mb": self.service_rss_mb,
+            "dspy_in_isolation": self.dspy,
+            "ratios": [r.to_json() for r in self.ratios()],
+            "profiles": self.profiles,
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    name: str
+    value: float | None
+    target: float
+    higher_is_better: bool
+    unit: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "target": self.target,
+            "comparison": ">=" if self.higher_is_better else "<=",
+            "unit": self.unit,
+            "met": self.met,
+        }
+
+
+def _divide(top: float | None, bottom: float | None) -> float | None:
+    if top is None or bottom is None or bottom == 0:
+        return None
+    return top / bottom
+
+
+def compute_ratios(results: BenchResults) -> list[Ratio]:
+    def rps(key: str, connections: int) -> float | None:
+        found = results.find(key, connections)
+        return found.rps if found else None
+
+    def p50(key: str, connections: int) -> float | None:
+        found = results.find(key, connections)
+        return found.p50_ms if found else None
+
+    miss_p50, direct_p50 = p50("miss_50ms", 1), p50("direct_50ms", 1)
+    return [
+        Ratio(
+            "memory hit / bare app, req/s at 32 conns",
+            _divide(rps("memory_hit", 32), rps("bare", 32)),
+            0.5,
+            True,
+        ),
+        Ratio(
+            "Redis hit / bare app, req/s at 32 conns",
+            _divide(rps("redis_hit", 32), rps("bare", 32)),
+            0.3,
+            True,
+        ),
+        Ratio(
+            "miss / direct, provider 50 ms, req/s at 32 conns",
+            _divide(rps("miss_50ms", 32), rps("direct_50ms", 32)),
+            0.5,
+            True,
+        ),
+        Ratio(
+            "p50 miss - p50 direct, provider 50 ms, 1 conn",
+            None if miss_p50 is None or direct_p50 is None else miss_p50 - direct_p50,
+            3.0,
+            False,
+            " ms",
+        ),
+        Ratio("service resident memory after the runs", results.service_rss_mb, 150.0, False, " MB"),
+        Ratio("start-up: spawn to first 200 from /ready", results.startup_median_s, 2.5, False, " s"),
+    ]
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _range(bounds: tuple[float, float] | None, digits: int = 0) -> str:
+    if bounds is None:
+        return ""
+    return f" ({bounds[0]:,.{digits}f}-{bounds[1]:,.{digits}f})"
+
+
+def render_markdown(results: BenchResults) -> str:
+    lines = [
+        "| scenario | conns | req/s median (min-max) | p50 ms (min-max) | p99 ms | server CPU ms/req "
+        "| provider calls/req | Redis cmds/req | errors | RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in results.scenarios:
+        if s.failure:
+            lines.append(f"| {s.label} | {s.connections} | failed: {s.failure} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {s.label} | {s.connections} | {_num(s.rps, 0)}{_range(s.rps_range)} "
+            f"| {_num(s.p50_ms, 2)}{_range(s.p50_range, 2)} | {_num(s.p99_ms, 2)} | {_num(s.cpu_ms, 3)} "
+            f"| {_num(s.provider_calls, 2)} | {_num(s.redis_commands, 2)} "
+            f"| {s.errors} of {s.requests:,} | {_num(s.rss_mb, 0)} |"
+        )
+    lines += ["", "| target | measured | target | met |", "|---|---:|---:|---|"]
+    for ratio in results.ratios():
+        comparison = ">=" if ratio.higher_is_better else "<="
+        met = {True: "yes", False: "**no**", None: "n/a"}[ratio.met]
+        digits = 2 if ratio.unit in ("", " s", " ms") else 0
+        lines.append(
+            f"| {ratio.name} | {_num(ratio.value, digits)}{ratio.unit} "
+            f"| {comparison} {ratio.target:g}{ratio.unit} | {met} |"
+        )
+    lines.append("")
+    if results.startup_s:
+        runs = ", ".join(f"{v:.2f}" for v in results.startup_s)
+        lines.append(
+            f"- Start-up, spawn to first 200 from /ready: "
+            f"median {_num(results.startup_median_s, 2)} s ({runs})."
+        )
+    if results.idle_rss_mb is not None:
+        lines.append(f"- Service resident memory when just ready (idle): {results.idle_rss_mb:.0f} MB.")
+    lines += _dspy_lines(results)
+    lines += _noise_lines(results)
+    lines += [f"- {note}" for note in results.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _noise_lines(results: BenchResults) -> list[str]:
+    shares = [
+        s.foreign_cpu_share for r in results.scenarios for s in r.samples if s.foreign_cpu_share is not None
+    ]
+    if not shares:
+        return []
+    median, worst = statistics.median(shares), max(shares)
+    line = (
+        f"- Other processes (and the hypervisor) took {100 * median:.0f}% of the server's core during "
+        f"the median run, {100 * worst:.0f}% at worst."
+    )
+    if median > 0.1:
+        line += " **The machine was busy: absolute numbers are low and noisy; the ratios hold up better.**"
+    return [line]
+
+
+def _dspy_lines(results: BenchResults) -> list[str]:
+    if not results.dspy:
+        return []
+    plain = results.dspy["plain"]["cpu_ms_median"]
+    tracked = results.dspy["track_usage"]["cpu_ms_median"]
+    out = [
+        f"- DSPy in isolation (`await Predict.acall()`, native engine, simulator at 0 ms): "
+        f"{plain:.2f} ms CPU per call; {tracked:.2f} ms with usage tracking as the service runs it.",
+    ]
+    miss = results.find("miss_0ms", 32)
+    if miss is not None and miss.cpu_ms is not None:
+        ours = miss.cpu_ms - tracked
+        out.append(
+            f"- A miss (provider 0 ms, 32 conns) costs the service {miss.cpu_ms:.2f} ms CPU: "
+            f"{tracked:.2f} ms is DSPy's call path ({100 * tracked / miss.cpu_ms:.0f}%), "
+            f"{ours:.2f} ms is ours (HTTP, validation, cache look-ups and store, metrics, log line)."
+        )
+    return out

@@ -1,0 +1,515 @@
+"""`make bench`: the service against the framework's own ceiling and against the provider itself.
+
+Starts everything it needs (redis-server, the provider simulator, the service, a bare Starlette app),
+pins the server under test to core 0 and the load generator (wrk) with everything else to core 1
+where the machine has two cores, warms up, runs each scenario at 32 connections and at 1, several
+times, and prints one table of medians with their spread and the issue's ratios. Results also go to
+bench/results/latest.json and latest.md. It reports; it never fails on a missed target, and exits
+non-zero only when it could not run at all.
+
+    python -m bench.run                      # the default: ~7 minutes
+    python -m bench.run --quick              # a smoke run: ~1-2 minutes
+    python -m bench.run --duration 10 --repeat 5 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+
+from bench.processes import (
+    BareAppProcess,
+    BenchSetupError,
+    HttpProcess,
+    RedisServer,
+    ServiceProcess,
+    SimulatorProcess,
+    core_busy_seconds,
+    cpu_seconds,
+    pinned,
+    repin,
+    rss_mb,
+    running,
+)
+from bench.profile import find_py_spy, render_summary, start_py_spy, summarise
+from bench.results import BenchResults, RunSample, ScenarioResult, render_markdown
+from bench.wrk import ensure_wrk, run_wrk
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PREDICT_PATH = "/v1/predict"
+CHAT_PATH = "/v1/chat/completions"
+QUESTION = "What is the capital of France?"
+PREDICT_BODY = {"model": "gpt-3.5-turbo", "input": QUESTION}
+UNIQUE_PREDICT_BODY = {"model": "gpt-3.5-turbo", "input": f"__UNIQUE__ {QUESTION}"}
+SLOW_PROVIDER_MS = 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    label: str
+    path: str
+    body: str  # name of the body file: predict | unique | chat
+    unique: bool = False
+    provider_ms: float | None = None  # the simulator's latency for this scenario
+    expect_cache: str | None = None  # the cache level a repeated request must report
+
+
+BARE = Scenario("bare", "bare Starlette app (ceiling)", PREDICT_PATH, "predict")
+MEMORY_HIT = Scenario("memory_hit", "memory hit", PREDICT_PATH, "predict", expect_cache="memory")
+REDIS_HIT = Scenario("redis_hit", "Redis hit", PREDICT_PATH, "predict", expect_cache="redis")
+MISS_0 = Scenario("miss_0ms", "miss, provider 0 ms", PREDICT_PATH, "unique", True, 0.0)
+MISS_50 = Scenario("miss_50ms", "miss, provider 50 ms", PREDICT_PATH, "unique", True, SLOW_PROVIDER_MS)
+DIRECT_0 = Scenario("direct_0ms", "direct to provider, 0 ms", CHAT_PATH, "chat", provider_ms=0.0)
+DIRECT_50 = Scenario(
+    "direct_50ms", "direct to provider, 50 ms", CHAT_PATH, "chat", provider_ms=SLOW_PROVIDER_MS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    duration_s: int
+    warmup_s: int
+    repeat: int
+    connections: tuple[int, ...]
+    startups: int
+    dspy_calls: int
+    profile: bool
+    server_core: int | None
+    load_core: int | None
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP: unwind like Ctrl-C so every process we started is stopped."""
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", flush=True)
+
+
+class Bench:
+    """Runs scenarios against whichever server is up; knows the shared redis-server and simulator."""
+
+    def __init__(
+        self,
+        options: Options,
+        results: BenchResults,
+        *,
+        wrk: str,
+        workdir: Path,
+        redis: RedisServer,
+        simulator: SimulatorProcess,
+    ) -> None:
+        self.options = options
+        self.results = results
+        self.wrk = wrk
+        self.workdir = workdir
+        self.redis = redis
+        self.simulator = simulator
+        self.nonce = secrets.token_hex(4)
+        self._checks: dict[str, str] = {}
+        self._provider_ms: float | None = None
+        self._simulator_core = options.load_core
+        self.bodies = {
+            "predict": self._write_body("predict", PREDICT_BODY),
+            "unique": self._write_body("unique", UNIQUE_PREDICT_BODY),
+            "chat": workdir / "chat.json",  # written by the DSPy probe
+        }
+
+    def _write_body(self, name: str, body: dict[str, Any]) -> Path:
+        path = self.workdir / f"{name}.json"
+        path.write_text(json.dumps(body))
+        return path
+
+    def service(self, **env: str) -> ServiceProcess:
+        return ServiceProcess(
+            self.workdir,
+            self.options.server_core,
+            {
+                "REDIS_URL": self.redis.redis_url,
+                "OPENAI_API_KEY": "bench",
+                "OPENAI_BASE_URL": self.simulator.api_base,
+                "LOG_FORMAT": "json",
+                "LOG_LEVEL": "info",
+                **env,
+            },
+        )
+
+    def check(self, scenario: Scenario, server: HttpProcess) -> str:
+        """Two requests before measuring: both must succeed, the second must be served as expected."""
+        body = self.bodies[scenario.body].read_bytes()
+        if scenario.unique:
+            body = body.replace(b"__UNIQUE__", f"check-{self.nonce}".encode())
+        seen = ""
+        for _ in range(2):
+            response = httpx.post(
+                server.url + scenario.path,
+                content=body,
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            )
+            if response.status_code >= 300:
+                raise RuntimeError(f"check request got HTTP {response.status_code}: {response.text[:300]}")
+            if scenario.path == PREDICT_PATH and server.name == "service":
+                seen = str(response.json()["metadata"]["cache_level"])
+        if scenario.expect_cache is not None and seen != scenario.expect_cache:
+            raise RuntimeError(f"a repeated request was served from {seen!r}, not {scenario.expect_cache!r}")
+        return f"second request: cache_level={seen}" if seen else "answers 2xx"
+
+    def prepare(self, scenario: Scenario, server: HttpProcess) -> None:
+        """Put the simulator where the scenario needs it: latency, and core 0 when it is the server."""
+        if scenario.provider_ms is not None and scenario.provider_ms != self._provider_ms:
+            self.simulator.configure(latency_ms=scenario.provider_ms)
+            self._provider_ms = scenario.provider_ms
+        core = self.options.server_core if server is self.simulator else self.options.load_core
+        if core != self._simulator_core:
+            repin(self.simulator.pid, core)
+            self._simulator_core = core
+
+    def one_run(
+        self, scenario: Scenario, server: HttpProcess, connections: int, duration_s: int, tag: str
+    ) -> RunSample:
+        self.prepare(scenario, server)
+        server_core = self.options.server_core
+        calls_before = self.simulator.calls()
+        redis_before = self.redis.stats().get("total_commands_processed", 0)
+        core_before = core_busy_seconds(server_core) if server_core is not None else 0.0
+        cpu_before = cpu_seconds(server.pid)
+        result = run_wrk(
+            wrk=self.wrk,
+            url=server.url,
+            path=scenario.path,
+            body_file=self.bodies[scenario.body],
+            connections=connections,
+            duration_s=duration_s,
+            core=self.options.load_core,
+            unique=f"{scenario.key}-{tag}-{self.nonce}" if scenario.unique else None,
+        )
+        cpu_spent = cpu_seconds(server.pid) - cpu_before
+        foreign = None
+        if server_core is not None and result.duration_s > 0:
+            core_spent = core_busy_seconds(server_core) - core_before
+            foreign = max(0.0, (core_spent - cpu_spent) / result.duration_s)
+        # INFO itself counts: the call before is not in its own total, the call after is.
+        redis_spent = self.redis.stats().get("total_commands_processed", 0) - redis_before - 1
+        calls_spent = self.simulator.calls() - calls_before
+        requests = max(result.requests, 1)
+        through_service = server is not self.simulator
+        return RunSample(
+            wrk=result,
+            cpu_ms_per_request=1000 * cpu_spent / requests,
+            provider_calls_per_request=calls_spent / requests if through_service else None,
+            redis_commands_per_request=redis_spent / requests if through_service else None,
+            foreign_cpu_share=foreign,
+        )
+
+    def warm_up(self, scenario: Scenario, server: HttpProcess) -> str | None:
+        """Check the scenario answers as it must and warm it up; the failure, if it cannot run."""
+        try:
+            self.prepare(scenario, server)
+            check = self.check(scenario, server)
+            self.one_run(scenario, server, max(self.options.connections), self.options.warmup_s, "warmup")
+        except (RuntimeError, ValueError, OSError, httpx.HTTPError) as exc:
+            _log(f"{scenario.key}: could not run: {exc}")
+            return f"could not run: {str(exc)[:200]}"
+        _log(f"{scenario.key}: warmed up ({check})")
+        self._checks[scenario.key] = check
+        return None
+
+    def measure(self, plan: list[tuple[Scenario, HttpProcess]]) -> None:
+        """Each round runs every scenario at every connection count once, so that drift in the
+        machine's load spreads over all scenarios alike instead of landing on one of them."""
+        outcomes: dict[tuple[str, int], ScenarioResult] = {}
+        runnable: list[tuple[Scenario, HttpProcess]] = []
+        for scenario, server in plan:
+            failure = self.warm_up(scenario, server)
+            for connections in self.options.connections:
+                outcome = ScenarioResult(
+                    scenario.key,
+                    scenario.label,
+                    connections,
+                    check=self._checks.get(scenario.key, ""),
+                    failure=failure,
+                )
+                outcomes[scenario.key, connections] = outcome
+                self.results.scenarios.append(outcome)
+            if failure is None:
+                runnable.append((scenario, server))
+        for round_no in range(self.options.repeat):
+            for scenario, server in runnable:
+                for connections in self.options.connections:
+                    outcome = outcomes[scenario.key, connections]
+                    if outcome.failure:
+                        continue
+                    try:
+                        sample = self.one_run(
+                            scenario,
+                            server,
+                            connections,
+                            self.options.duration_s,
+                            f"c{connections}-{round_no}",
+                        )
+                    except (RuntimeError, ValueError, OSError, httpx.HTTPError) as exc:
+                        _log(f"{scenario.key} c={connections}: run failed: {exc}")
+                        outcome.failure = f"run failed: {str(exc)[:200]}"
+                        continue
+                    outcome.samples.append(sample)
+                    foreign = sample.foreign_cpu_share
+                    _log(
+                        f"round {round_no + 1} {scenario.key:<12} c={connections:<3}"
+                        f"{sample.wrk.requests_per_s:>9,.0f} req/s  p50 {sample.wrk.p50_ms:7.2f} ms"
+                        f"  cpu {sample.cpu_ms_per_request:.3f} ms/req  errors {sample.wrk.errors}"
+                        + (f"  other load on server core {100 * foreign:.0f}%" if foreign is not None else "")
+                    )
+        for scenario, server in plan:
+            for connections in self.options.connections:
+                outcomes[scenario.key, connections].rss_mb = rss_mb(server.pid)
+
+    def profile(self, scenario: Scenario, server: HttpProcess) -> None:
+        """One extra run at the highest connection count with py-spy attached (not in the table)."""
+        py_spy = find_py_spy()
+        if py_spy is None:
+            self.results.notes.append("--profile: py-spy not found (pip install py-spy)")
+            return
+        self.prepare(scenario, server)
+        out = self.workdir / f"profile-{scenario.key}.txt"
+        duration = max(self.options.duration_s, 5)
+        spy = start_py_spy(py_spy, server.pid, duration, out, self.options.load_core)
+        try:
+            time.sleep(0.5)  # let py-spy attach before the load starts
+            self.one_run(scenario, server, max(self.options.connections), duration, "profile")
+        finally:
+            try:
+                spy.wait(timeout=duration + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        if not out.exists():
+            stderr = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
+            self.results.notes.append(f"--profile {scenario.key}: py-spy wrote nothing: {stderr[:200]}")
+            return
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, RESULTS_DIR / out.name)
+        self.results.profiles[scenario.key] = summarise(out)
+
+
+def measure_startup(bench: Bench, times: int) -> None:
+    """Spawn to first 200 from /ready, `times` fresh starts; and resident memory when just ready."""
+    for i in range(times):
+        service = bench.service()
+        with running(service) as started:
+            bench.results.startup_s.append(time.perf_counter() - started.spawned_at)
+            if i == 0:
+                bench.results.idle_rss_mb = rss_mb(started.pid)
+        _log(f"start-up {i + 1}: {bench.results.startup_s[-1]:.2f} s")
+
+
+def probe_dspy(bench: Bench, calls: int) -> None:
+    """DSPy's per-call CPU in its own process (pinned like the server) and the body DSPy sends."""
+    bench.simulator.configure(latency_ms=0)
+    command = pinned(
+        [
+            sys.executable,
+            "-m",
+            "bench.dspy_probe",
+            "--api-base",
+            bench.simulator.api_base,
+            "--calls",
+            str(calls),
+            "--warmup",
+            str(max(calls // 10, 5)),
+            "--body-out",
+            str(bench.bodies["chat"]),
+        ],
+        bench.options.server_core,
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
+    }
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=600)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise BenchSetupError(
+            f"the DSPy probe failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}"
+        )
+    bench.results.dspy = json.loads(line.removeprefix("BENCH_JSON "))
+    plain = bench.results.dspy["plain"]["cpu_ms_median"]
+    _log(f"DSPy in isolation: {plain:.2f} ms CPU per call")
+
+
+def run_all(options: Options, results: BenchResults) -> None:
+    wrk = ensure_wrk()
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dspy-bench-")))
+        redis = RedisServer(workdir, options.load_core)
+        stack.callback(redis.stop)
+        redis.start(timeout=15)
+        simulator = SimulatorProcess(workdir, options.load_core)
+        stack.callback(simulator.stop)
+        simulator.start(timeout=60)
+        bench = Bench(options, results, wrk=wrk, workdir=workdir, redis=redis, simulator=simulator)
+        _log(f"redis-server :{redis.port}, simulator :{simulator.port}; work directory {workdir}")
+
+        probe_dspy(bench, options.dspy_calls)
+        measure_startup(bench, options.startups)
+
+        # Every server stays up, idle when it is not the one under load, all on the server core.
+        bare = stack.enter_context(running(BareAppProcess(workdir, options.server_core)))
+        service = stack.enter_context(running(bench.service()))
+        redis_only = stack.enter_context(running(bench.service(MEMORY_CACHE_SIZE="0")))
+        plan: list[tuple[Scenario, HttpProcess]] = [
+            (BARE, bare),
+            (MEMORY_HIT, service),
+            (REDIS_HIT, redis_only),
+            (MISS_0, service),
+            (MISS_50, service),
+            (DIRECT_0, simulator),
+            (DIRECT_50, simulator),
+        ]
+        bench.measure(plan)
+        if options.profile:
+            bench.profile(MEMORY_HIT, service)
+            bench.profile(REDIS_HIT, redis_only)
+            bench.profile(MISS_0, service)
+        for server in (service, redis_only):
+            errors_logged = _count_error_lines(server.log_path)
+            if errors_logged:
+                results.notes.append(f"{server.name} :{server.port} logged {errors_logged} error-level lines")
+
+
+def _count_error_lines(log_path: Path) -> int:
+    count = 0
+    with log_path.open("rb") as log:
+        for line in log:
+            if b'"level":"error"' in line or b'"level": "error"' in line:
+                count += 1
+    return count
+
+
+def _cores() -> tuple[int | None, int | None, str]:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) >= 2 and shutil.which("taskset"):
+        server, load = available[0], available[1]
+        return (
+            server,
+            load,
+            f"server pinned to core {server}; wrk, redis-server and the simulator to core {load}",
+        )
+    return None, None, "fewer than 2 cores (or no taskset): nothing pinned, server and load share the CPU"
+
+
+def parse_options(argv: list[str] | None) -> tuple[Options, str]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.split("\n\n")[0] if __doc__ else ""
+    )
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per scenario (default 2)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="measured runs per scenario and connection count"
+    )
+    parser.add_argument(
+        "--connections", default="32,1", help="comma-separated connection counts (default 32,1)"
+    )
+    parser.add_argument("--startups", type=int, default=3, help="service starts timed (default 3)")
+    parser.add_argument("--dspy-calls", type=int, default=300, help="calls in the DSPy CPU probe")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s runs, 1 s warm-up, fewer calls")
+    parser.add_argument("--profile", action="store_true", help="also sample the service with py-spy")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.dspy_calls = 1, 1, 100
+    connections = tuple(int(c) for c in args.connections.split(",") if c.strip())
+    if args.duration < 1 or args.warmup < 1 or args.repeat < 1 or not connections or min(connections) < 1:
+        parser.error("--duration, --warmup, --repeat and every connection count must be at least 1")
+    server_core, load_core, pinning = _cores()
+    options = Options(
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        repeat=args.repeat,
+        connections=connections,
+        startups=max(args.startups, 1),
+        dspy_calls=max(args.dspy_calls, 10),
+        profile=args.profile,
+        server_core=server_core,
+        load_core=load_core,
+    )
+    return options, pinning
+
+
+def _write_results(results: BenchResults, report: str) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(results.to_json(), indent=2) + "\n")
+    (RESULTS_DIR / "latest.md").write_text(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, pinning = parse_options(argv)
+    results = BenchResults(
+        settings={
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+            "duration_s": options.duration_s,
+            "warmup_s": options.warmup_s,
+            "repeat": options.repeat,
+            "connections": list(options.connections),
+            "cpu_count": os.cpu_count(),
+            "pinning": pinning,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "kernel": platform.release(),
+            "load_average_at_start": list(os.getloadavg()),
+        }
+    )
+    _log(pinning)
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, _raise_stopped)
+    started = time.monotonic()
+    try:
+        run_all(options, results)
+    except BenchSetupError as exc:
+        print(f"bench: could not run: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, _Stopped):
+        print("bench: interrupted; every process it started has been stopped", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    results.settings["elapsed_s"] = round(time.monotonic() - started, 1)
+    results.settings["load_average_at_end"] = list(os.getloadavg())
+    report = render_markdown(results)
+    for name, summary in results.profiles.items():
+        report += "\n" + render_summary(name, summary)
+    _write_results(results, report)
+    print()
+    print(report)
+    _log(f"done in {results.settings['elapsed_s']:.0f} s; results in {RESULTS_DIR / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
