@@ -36,6 +36,10 @@ def _orjson_dumps(event: dict[str, Any], **_: Any) -> bytes:
     return orjson.dumps(event, default=str)
 
 
+def _orjson_text(event: dict[str, Any], **_: Any) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog and the stdlib root logger. Safe to call more than once."""
     numeric = _LEVELS.get(level.lower(), logging.INFO)
@@ -59,7 +63,9 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         cache_logger_on_first_use=True,
     )
     foreign_renderer: Any = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer(serializer=_orjson_text)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],

@@ -284,9 +284,10 @@ class Predictor:
     async def _produce(self, key: str | None, route: _Route) -> tuple[CachedAnswer, Usage]:
         spent: dict[str, tuple[int, int]] = {}
         model_served = route.model.key
+        deadline_at = time.monotonic() + self._deadline
         try:
             async with asyncio.timeout(self._deadline):
-                run, model_served = await self._run_with_fallbacks(route, spent)
+                run, model_served = await self._run_with_fallbacks(route, spent, deadline_at)
         except TimeoutError:
             self._account(route, spent)
             raise ProviderTimeout(
@@ -324,13 +325,15 @@ class Predictor:
             self._ledger.record_miss(route.model.key, route.program.variant, usage)
         return usage
 
-    async def _run_with_fallbacks(self, route: _Route, spent: dict[str, tuple[int, int]]) -> tuple[Any, str]:
+    async def _run_with_fallbacks(
+        self, route: _Route, spent: dict[str, tuple[int, int]], deadline_at: float
+    ) -> tuple[Any, str]:
         chain = (route.model.key, *route.model.fallbacks)
         last_error: ServiceError | None = None
         for model_key in chain:
             spec = self._config.models[model_key]
             try:
-                return await self._run_with_retries(spec, route, spent), model_key
+                return await self._run_with_retries(spec, route, spent, deadline_at), model_key
             except (CircuitOpen, ProviderError, ProviderTimeout) as exc:
                 last_error = exc
                 if len(chain) > 1:
@@ -339,7 +342,7 @@ class Predictor:
         raise last_error
 
     async def _run_with_retries(
-        self, spec: ModelSpec, route: _Route, spent: dict[str, tuple[int, int]]
+        self, spec: ModelSpec, route: _Route, spent: dict[str, tuple[int, int]], deadline_at: float
     ) -> Any:
         breaker = self._breakers[spec.key]
         lm = self._lms.get(spec.key, route.lm_options)
@@ -360,10 +363,12 @@ class Predictor:
                     breaker.record_neutral()
                     raise self._client_facing(spec, failure) from None
                 breaker.record_failure()
-                if attempt >= spec.max_retries:
+                delay = self._backoff(attempt + 1, failure.retry_after)
+                if attempt >= spec.max_retries or time.monotonic() + delay >= deadline_at:
+                    # Out of retries, or the wait would outlive the request: answer now, not at the deadline.
                     raise self._client_facing(spec, failure) from None
                 attempt += 1
-                await asyncio.sleep(self._backoff(attempt, failure.retry_after))
+                await asyncio.sleep(delay)
                 continue
             except BaseException:
                 breaker.record_neutral()  # cancelled by the deadline: free a half-open trial slot

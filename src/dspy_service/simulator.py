@@ -9,6 +9,7 @@ usage from its own (deterministic) tokenizer, and has knobs to play a slow, fail
 - ``error_status``   HTTP status of injected errors (500, 429, 400 ...)
 - ``retry_after``    seconds put in a ``Retry-After`` header on injected errors, if set
 - ``hang``           never answer (the client must time out)
+- ``fail_next``      answer the next N calls with ``error_status``, whatever ``error_rate`` says
 
 Knobs are set by command-line flags at start and at run time by ``POST /_sim/config``;
 ``GET /_sim/stats`` counts calls and tokens, ``POST /_sim/reset`` zeroes the counts.
@@ -47,6 +48,7 @@ class Knobs:
     error_status: int = 500
     retry_after: float | None = None
     hang: bool = False
+    fail_next: int = 0
 
     def update(self, changes: dict[str, Any]) -> None:
         for name, value in changes.items():
@@ -158,7 +160,10 @@ class Simulator:
         delay = knobs.latency_ms + (self._random.random() * knobs.jitter_ms if knobs.jitter_ms else 0.0)
         if delay > 0:
             await asyncio.sleep(delay / 1000)
-        if knobs.error_rate > 0 and self._random.random() < knobs.error_rate:
+        forced = knobs.fail_next > 0
+        if forced:
+            knobs.fail_next -= 1
+        if forced or (knobs.error_rate > 0 and self._random.random() < knobs.error_rate):
             stats.errors += 1
             headers = {"Retry-After": f"{knobs.retry_after:g}"} if knobs.retry_after is not None else None
             return _json_error(knobs.error_status, f"simulated provider error {knobs.error_status}", headers)

@@ -352,3 +352,31 @@ def test_soak_memory_stays_flat(
     assert counts[200] == 18000
     assert counts[404] == 2000
     assert final <= baseline * 1.10
+
+
+def test_retry_honours_the_providers_retry_after(service_factory: ServiceFactory, sim: Simulator) -> None:
+    """A 429 with Retry-After: 1 is retried after at least that long, and the request succeeds."""
+    service = service_factory()
+    sim.configure(fail_next=1, error_status=429, retry_after=1)
+    started = time.perf_counter()
+    response = post(service.http, input=unique())
+    waited = time.perf_counter() - started
+    print(f"\n429 then success: status {response.status_code} after {waited:.2f} s, calls {sim.stats()['calls']}")
+    assert response.status_code == 200
+    assert sim.stats()["calls"] == 2
+    assert waited >= 1.0
+
+
+def test_no_retry_wait_outlives_the_deadline(service_factory: ServiceFactory, sim: Simulator) -> None:
+    """When the provider asks for a wait longer than the request has left, the request ends at once."""
+    service = service_factory(REQUEST_TIMEOUT_SECS="2")
+    sim.configure(fail_next=1, error_status=429, retry_after=10)
+    started = time.perf_counter()
+    response = post(service.http, input=unique())
+    waited = time.perf_counter() - started
+    print(f"\n429 asking 10 s with a 2 s deadline: {response.status_code} after {waited:.2f} s")
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "provider_error"
+    assert "429" in response.json()["error"]["message"]
+    assert sim.stats()["calls"] == 1
+    assert waited < 2.0
