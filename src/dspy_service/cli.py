@@ -14,6 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
+from pydantic import ValidationError
 
 from dspy_service.errors import ConfigError
 from dspy_service.logs import configure_logging, get_logger
@@ -77,12 +78,29 @@ def _free_port(host: str) -> int:
 
 
 async def _serve() -> int:
-    from dspy_service.app import create_app
-    from dspy_service.services import build_services
+    from dspy_service.models_config import load_models_config
     from dspy_service.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"
+            for err in exc.errors(include_input=False, include_url=False)
+        )
+        print(f"dspy-service: invalid environment: {problems}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        # Checked before DSPy is imported (seconds), so a broken file fails fast.
+        models_config = load_models_config(settings.models_config)
+    except ConfigError as exc:
+        print(f"dspy-service: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    from dspy_service.app import create_app
+    from dspy_service.services import build_services
+
     simulator_server = None
     base_url = None
     if settings.uses_simulator:
@@ -107,7 +125,7 @@ async def _serve() -> int:
             simulator=base_url,
         )
     try:
-        services = build_services(settings, base_url=base_url)
+        services = build_services(settings, models_config=models_config, base_url=base_url)
     except ConfigError as exc:
         print(f"dspy-service: configuration error: {exc}", file=sys.stderr)
         return 2

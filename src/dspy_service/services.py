@@ -74,12 +74,17 @@ def build_price_lookup(config: ModelsConfig) -> dict[str, Price | None]:
 
 
 def build_services(
-    settings: Settings, *, registry: CollectorRegistry | None = None, base_url: str | None = None
+    settings: Settings,
+    *,
+    models_config: ModelsConfig | None = None,
+    registry: CollectorRegistry | None = None,
+    base_url: str | None = None,
 ) -> Services:
     """Everything the app needs, built once; raises ConfigError for a broken models file."""
     configure_dspy()
     metrics = Metrics(registry or CollectorRegistry())
-    models_config = load_models_config(settings.models_config)
+    if models_config is None:
+        models_config = load_models_config(settings.models_config)
     programs = {
         key: load_program(spec, str(models_config.source)) for key, spec in models_config.variants.items()
     }

@@ -192,3 +192,12 @@ def test_a_missing_models_file_stops_start_up(tmp_path: Path) -> None:
     )
     assert code == 2
     assert "nope.yaml" in output
+
+
+def test_an_invalid_environment_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
+    """A malformed setting (PORT=abc) stops start-up with exit 2 naming the variable; no traceback."""
+    code, output = run_service_expecting_failure({"PORT": "abc", "MEMORY_CACHE_SIZE": "-3"}, tmp_path)
+    assert code == 2
+    assert "PORT" in output
+    assert "MEMORY_CACHE_SIZE" in output
+    assert "Traceback" not in output
