@@ -9,12 +9,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from dspy_service.api import probes, routes
+from dspy_service.api.compression import CompressionMiddleware
 from dspy_service.api.responses import JSONResponse, error_body, error_response
 from dspy_service.errors import ServiceError
 from dspy_service.logs import get_logger
@@ -84,7 +84,7 @@ def create_app(services: Services) -> Starlette:
                 allow_credentials="*" not in settings.cors_origins,
             )
         )
-    middleware.append(Middleware(GZipMiddleware, minimum_size=1024))
+    middleware.append(Middleware(CompressionMiddleware, minimum_size=1024))
     app = Starlette(
         routes=[
             Route("/v1/predict", routes.predict, methods=["POST"]),

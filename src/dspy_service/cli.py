@@ -14,6 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
+import uvloop
 from pydantic import ValidationError
 
 from dspy_service.errors import ConfigError
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--hang", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return asyncio.run(_serve()) if sys.platform != "win32" else 1
+        # uvicorn.run() would pick uvloop itself; serving a Server object ourselves, we must.
+        return uvloop.run(_serve())
     return _simulate(args)
 
 

@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
 from typing import Any
 
 from dspy_service.logs import get_logger
 from dspy_service.models_config import ModelSpec
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
+from dspy_service.timefmt import utc_now_iso
 
 COSTS_PREFIX = KEY_PREFIX + "costs:"
 COSTS_INDEX = KEY_PREFIX + "costs-index"
@@ -127,8 +127,7 @@ _INT_FIELDS = (
 _FLOAT_FIELDS = ("total_cost_usd", "cost_saved_usd")
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+_now = utc_now_iso
 
 
 class CostLedger:

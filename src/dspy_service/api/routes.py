@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -16,6 +15,7 @@ from dspy_service.api.responses import JSONResponse
 from dspy_service.api.schemas import PredictRequest, describe_validation_error
 from dspy_service.errors import InvalidRequest
 from dspy_service.predictor import PredictionInput
+from dspy_service.timefmt import utc_now_iso
 
 
 async def predict(request: Request) -> Response:
@@ -66,7 +66,7 @@ async def predict(request: Request) -> Response:
             "cost_usd": result.cost_usd,
             "cost_saved_usd": result.cost_saved_usd,
             "cost_known": result.cost_usd is not None,
-            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "timestamp": utc_now_iso(),
         },
     }
     return Response(orjson.dumps(payload), media_type="application/json")
