@@ -17,7 +17,7 @@ from dspy_service.api import probes, routes
 from dspy_service.api.compression import CompressionMiddleware
 from dspy_service.api.responses import JSONResponse, error_body, error_response
 from dspy_service.errors import ServiceError
-from dspy_service.logs import get_logger
+from dspy_service.logs import AccessLog, get_logger
 from dspy_service.services import Services
 
 _log = get_logger("dspy_service.app")
@@ -70,7 +70,10 @@ def create_app(services: Services) -> Starlette:
 
     middleware = [
         Middleware(
-            RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=services.metrics
+            RequestContextMiddleware,
+            max_body_bytes=settings.max_body_bytes,
+            metrics=services.metrics,
+            access_log=AccessLog(level=settings.log_level, fmt=settings.log_format),
         ),
     ]
     if settings.cors_origins:
@@ -87,7 +90,7 @@ def create_app(services: Services) -> Starlette:
     middleware.append(Middleware(CompressionMiddleware, minimum_size=1024))
     app = Starlette(
         routes=[
-            Route("/v1/predict", routes.predict, methods=["POST"]),
+            Route("/v1/predict", routes.PredictEndpoint(services), methods=["POST"]),
             Route("/health", probes.health, methods=["GET"]),
             Route("/ready", probes.ready, methods=["GET"]),
             Route("/metrics", probes.metrics, methods=["GET"]),

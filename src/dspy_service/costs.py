@@ -150,11 +150,20 @@ class CostLedger:
         )
         self._apply(f"{model}:{variant}", delta)
 
-    def record_hit(self, model: str, variant: str, saved_usd: float | None) -> None:
-        delta = CostTotals(
-            total_requests=1, cache_hits=1, cost_saved_usd=saved_usd or 0.0, last_updated=_now()
-        )
-        self._apply(f"{model}:{variant}", delta)
+    def record_hit(self, name: str, saved_usd: float | None) -> None:
+        """A request answered without spending (`name` is "model:variant"); on the hot path, so the
+        rows are updated in place rather than through a delta object."""
+        now = _now()
+        saved = saved_usd or 0.0
+        rows = (self._local, self._pending) if self._link is not None else (self._local,)
+        for table in rows:
+            row = table.get(name)
+            if row is None:
+                row = table[name] = CostTotals()
+            row.total_requests += 1
+            row.cache_hits += 1
+            row.cost_saved_usd += saved
+            row.last_updated = now
 
     def _apply(self, name: str, delta: CostTotals) -> None:
         self._local.setdefault(name, CostTotals()).add(delta)

@@ -91,3 +91,31 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
 
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+class AccessLog:
+    """The one line per request (`request.completed`).
+
+    It is written for every request, so in JSON format it is rendered straight with orjson, in the
+    same shape the structlog chain gives, instead of running the processor chain; the text format
+    goes through structlog.
+    """
+
+    def __init__(self, *, level: str, fmt: str) -> None:
+        self.enabled = _LEVELS.get(level.lower(), logging.INFO) <= logging.INFO
+        self._json = fmt == "json"
+        self._stream = sys.stdout.buffer
+        self._fallback = get_logger("dspy_service.access")
+
+    def request_completed(self, request_id: str, fields: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if not self._json:
+            self._fallback.info("request.completed", **fields)
+            return
+        fields["event"] = "request.completed"
+        fields["request_id"] = request_id
+        fields["level"] = "info"
+        fields["timestamp"] = utc_now_iso()
+        self._stream.write(orjson.dumps(fields, default=str) + b"\n")
+        self._stream.flush()

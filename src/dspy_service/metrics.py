@@ -19,6 +19,7 @@ BREAKER_STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
 class RouteMetrics:
     """Pre-resolved children for one (model, variant) pair."""
 
+    ledger_name: str  # "model:variant", the cost ledger's row for the pair
     success: Counter
     error: Counter
     duration_memory: Histogram
@@ -108,6 +109,7 @@ class Metrics:
         found = self._routes.get((model, variant))
         if found is None:
             found = RouteMetrics(
+                ledger_name=f"{model}:{variant}",
                 success=self.predictions.labels(model, variant, "success"),
                 error=self.predictions.labels(model, variant, "error"),
                 duration_memory=self.duration.labels(model, variant, "memory"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from dspy_service.errors import (
     ServiceError,
 )
 from dspy_service.logs import get_logger
-from dspy_service.metrics import Metrics
+from dspy_service.metrics import Metrics, RouteMetrics
 from dspy_service.models_config import ModelsConfig, ModelSpec
 from dspy_service.programs import LM_OPTIONS, LanguageModels, LoadedProgram, ProgramFailed, run_program
 
@@ -45,7 +44,7 @@ class PredictionInput:
     model: str
     variant: str | None
     input: str
-    parameters: Mapping[str, Any]
+    parameters: dict[str, Any]
     use_cache: bool
 
 
@@ -171,25 +170,25 @@ class Predictor:
         route = self._route(request)
         model_key, variant = route.model.key, route.program.variant
         metrics = self._metrics.route(model_key, variant)
+        key = None
+        if request.use_cache:
+            key = cache_key(
+                model=model_key,
+                model_id=route.model.name,
+                variant=variant,
+                program_fingerprint=route.program.fingerprint,
+                input_text=request.input,
+                parameters=request.parameters,
+            )
+            hit = self._cache.get_memory(key)
+            if hit is not None:  # answered without awaiting anything: never "in flight"
+                return self._served_from_cache(request, metrics, variant, hit, "memory", started)
         self._metrics.active.inc()
         try:
-            key = None
-            if request.use_cache:
-                key = cache_key(
-                    model=model_key,
-                    model_id=route.model.name,
-                    variant=variant,
-                    program_fingerprint=route.program.fingerprint,
-                    input_text=request.input,
-                    parameters=dict(request.parameters),
-                )
-                hit = self._cache.get_memory(key)
-                level = "memory"
-                if hit is None:
-                    hit = await self._cache.get_redis(key)
-                    level = "redis"
+            if key is not None:
+                hit = await self._cache.get_redis(key)
                 if hit is not None:
-                    return self._served_from_cache(request, route, hit, level, started)
+                    return self._served_from_cache(request, metrics, variant, hit, "redis", started)
             coalesced = key is not None and key in self._upstream
             answer, usage = await self._call_upstream(key, route)
         except ServiceError:
@@ -202,7 +201,7 @@ class Predictor:
         metrics.duration_none.observe(latency)
         if coalesced:
             # Another request's upstream call answered this one: it spent nothing of its own.
-            self._ledger.record_hit(model_key, variant, answer.cost_usd)
+            self._ledger.record_hit(metrics.ledger_name, answer.cost_usd)
             if answer.cost_usd:
                 metrics.saved.inc(answer.cost_usd)
             return Prediction(
@@ -235,16 +234,20 @@ class Predictor:
         )
 
     def _served_from_cache(
-        self, request: PredictionInput, route: _Route, hit: CachedAnswer, level: str, started: float
+        self,
+        request: PredictionInput,
+        metrics: RouteMetrics,
+        variant: str,
+        hit: CachedAnswer,
+        level: str,
+        started: float,
     ) -> Prediction:
-        model_key, variant = route.model.key, route.program.variant
-        metrics = self._metrics.route(model_key, variant)
         latency = time.perf_counter() - started
         metrics.success.inc()
         (metrics.duration_memory if level == "memory" else metrics.duration_redis).observe(latency)
         if hit.cost_usd:
             metrics.saved.inc(hit.cost_usd)
-        self._ledger.record_hit(model_key, variant, hit.cost_usd)
+        self._ledger.record_hit(metrics.ledger_name, hit.cost_usd)
         return Prediction(
             request.model,
             hit.model_served,

@@ -31,7 +31,7 @@ async def test_local_totals_without_redis() -> None:
     ledger = CostLedger(None, 1.0)
     ledger.record_miss("m", "v", Usage(10, 5, 0.5))
     ledger.record_miss("m", "v", Usage(1, 1, None))
-    ledger.record_hit("m", "v", 0.5)
+    ledger.record_hit("m:v", 0.5)
     totals, scope = await ledger.snapshot()
     assert scope == "replica"
     row = totals["m:v"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 import structlog
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from dspy_service.api.deps import services_of
 from dspy_service.api.responses import JSONResponse
@@ -17,59 +18,92 @@ from dspy_service.errors import InvalidRequest
 from dspy_service.predictor import PredictionInput
 from dspy_service.timefmt import utc_now_iso
 
+if TYPE_CHECKING:
+    from dspy_service.services import Services
 
-async def predict(request: Request) -> Response:
-    services = services_of(request)
-    body = await request.body()
-    try:
-        parsed = PredictRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
-    state = request.scope["state"]
-    if parsed.request_id is not None:
-        state["request_id"] = parsed.request_id
-        structlog.contextvars.bind_contextvars(request_id=parsed.request_id)
-    log_fields = state["log"]
-    log_fields["model"] = parsed.model
-    log_fields["variant"] = parsed.variant
-    lifecycle = services.lifecycle
-    lifecycle.in_flight += 1
-    try:
-        result = await services.predictor.predict(
-            PredictionInput(parsed.model, parsed.variant, parsed.input, parsed.parameters, parsed.use_cache)
+
+class PredictEndpoint:
+    """`POST /v1/predict` as a plain ASGI app.
+
+    It is the route every client call takes, so it skips Starlette's Request and Response objects:
+    read the body, validate it, predict, write one JSON message. Errors are raised as ServiceError
+    and rendered by the app's one error handler like every other route's.
+    """
+
+    def __init__(self, services: Services) -> None:
+        self._predictor = services.predictor
+        self._lifecycle = services.lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            parsed = PredictRequest.model_validate_json(b"".join(chunks))
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_error(exc)) from None
+        state = scope["state"]
+        if parsed.request_id is not None:
+            state["request_id"] = parsed.request_id
+            structlog.contextvars.bind_contextvars(request_id=parsed.request_id)
+        log_fields = state["log"]
+        log_fields["model"] = parsed.model
+        log_fields["variant"] = parsed.variant
+        lifecycle = self._lifecycle
+        lifecycle.in_flight += 1
+        try:
+            result = await self._predictor.predict(
+                PredictionInput(
+                    parsed.model, parsed.variant, parsed.input, parsed.parameters, parsed.use_cache
+                )
+            )
+        finally:
+            lifecycle.in_flight -= 1
+        log_fields["variant"] = result.variant
+        log_fields["model_served"] = result.model_served
+        log_fields["cache_level"] = result.cache_level
+        log_fields["coalesced"] = result.coalesced
+        log_fields["input_tokens"] = result.input_tokens
+        log_fields["output_tokens"] = result.output_tokens
+        log_fields["cost_usd"] = result.cost_usd
+        body = orjson.dumps(
+            {
+                "request_id": state["request_id"],
+                "model": result.model,
+                "model_served": result.model_served,
+                "variant": result.variant,
+                "output": result.output,
+                "outputs": result.outputs,
+                "metadata": {
+                    "latency_ms": round(result.latency_ms, 3),
+                    "cached": result.cache_level is not None,
+                    "cache_level": result.cache_level,
+                    "coalesced": result.coalesced,
+                    "input_tokens": result.input_tokens,
+                    "output_tokens": result.output_tokens,
+                    "cost_usd": result.cost_usd,
+                    "cost_saved_usd": result.cost_saved_usd,
+                    "cost_known": result.cost_usd is not None,
+                    "timestamp": utc_now_iso(),
+                },
+            }
         )
-    finally:
-        lifecycle.in_flight -= 1
-    log_fields.update(
-        variant=result.variant,
-        model_served=result.model_served,
-        cache_level=result.cache_level,
-        coalesced=result.coalesced,
-        input_tokens=result.input_tokens,
-        output_tokens=result.output_tokens,
-        cost_usd=result.cost_usd,
-    )
-    payload: dict[str, Any] = {
-        "request_id": state["request_id"],
-        "model": result.model,
-        "model_served": result.model_served,
-        "variant": result.variant,
-        "output": result.output,
-        "outputs": result.outputs,
-        "metadata": {
-            "latency_ms": round(result.latency_ms, 3),
-            "cached": result.cache_level is not None,
-            "cache_level": result.cache_level,
-            "coalesced": result.coalesced,
-            "input_tokens": result.input_tokens,
-            "output_tokens": result.output_tokens,
-            "cost_usd": result.cost_usd,
-            "cost_saved_usd": result.cost_saved_usd,
-            "cost_known": result.cost_usd is not None,
-            "timestamp": utc_now_iso(),
-        },
-    }
-    return Response(orjson.dumps(payload), media_type="application/json")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
 
 async def costs(request: Request) -> Response:
