@@ -41,8 +41,8 @@ _SERVICE_ENV_PREFIXES = (
 )
 
 
-class BenchSetupError(RuntimeError):
-    """Something the benchmark needs could not be started or found."""
+class BenchSetupError(Exception):
+    """Something the benchmark needs could not be started or found, or died: it cannot go on."""
 
 
 def free_port() -> int:
@@ -144,6 +144,13 @@ class Process:
 
     def answers(self) -> bool:
         raise NotImplementedError
+
+    def ensure_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise BenchSetupError(
+                f"{self.name} :{self.port} is not running (exit {code}); its log:\n{self.log_tail()}"
+            )
 
     def wait_ready(self, timeout: float, interval: float = 0.01) -> float:
         """Wait until the process answers; return seconds since spawn."""

@@ -191,6 +191,8 @@ class Bench:
     def one_run(
         self, scenario: Scenario, server: HttpProcess, connections: int, duration_s: int, tag: str
     ) -> RunSample:
+        for process in (server, self.redis, self.simulator):
+            process.ensure_alive()
         self.prepare(scenario, server)
         server_core = self.options.server_core
         calls_before = self.simulator.calls()
@@ -488,17 +490,22 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         previous[sig] = signal.signal(sig, _raise_stopped)
     started = time.monotonic()
+    exit_code = 0
     try:
         run_all(options, results)
     except BenchSetupError as exc:
         print(f"bench: could not run: {exc}", file=sys.stderr)
-        return 2
+        exit_code = 2
     except (KeyboardInterrupt, _Stopped):
         print("bench: interrupted; every process it started has been stopped", file=sys.stderr)
-        return 130
+        exit_code = 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if exit_code and not any(s.samples for s in results.scenarios):
+        return exit_code
+    if exit_code:
+        results.notes.append("the run stopped early: the results below are partial")
     results.settings["elapsed_s"] = round(time.monotonic() - started, 1)
     results.settings["load_average_at_end"] = list(os.getloadavg())
     report = render_markdown(results)
@@ -508,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     _log(f"done in {results.settings['elapsed_s']:.0f} s; results in {RESULTS_DIR / 'latest.json'}")
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":
