@@ -6,6 +6,7 @@ level fails open: while Redis is down or slow the cache is the memory level alon
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -93,24 +94,54 @@ class MemoryCache:
 
 
 class RedisCache:
-    """The shared level: entries under one versioned prefix, each with REDIS_CACHE_TTL_SECS."""
+    """The shared level: entries under one versioned prefix, each with REDIS_CACHE_TTL_SECS.
+
+    Lookups are batched: every GET asked for during one turn of the event loop goes to Redis as a
+    single MGET. redis-py's asyncio client spends about 150 us of CPU per command, more than the rest
+    of a cache hit; under concurrency one MGET shares that cost among all waiting requests, and alone
+    a request pays only one extra loop turn. (No Redis client for asyncio does this automatically.)
+    """
 
     def __init__(self, link: RedisLink, ttl_secs: int) -> None:
         self._link = link
         self._ttl = ttl_secs
+        self._waiting: list[tuple[str, asyncio.Future[bytes | None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def available(self) -> bool:
         return self._link.connected
 
     async def get(self, key: str) -> CachedAnswer | None:
-        raw = await self._link.call(lambda client: client.get(CACHE_KEY_PREFIX + key))
-        if not isinstance(raw, bytes):
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._send_batch)
+        self._waiting.append((CACHE_KEY_PREFIX + key, future))
+        raw = await future
+        if raw is None:
             return None
         try:
             return CachedAnswer.from_bytes(raw)
         except (orjson.JSONDecodeError, ValueError, TypeError):
             return None  # an entry of another shape is a miss; the next set overwrites it
+
+    def _send_batch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._fetch(batch))
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
+        keys = [key for key, _ in batch]
+        values: Any = None
+        try:
+            values = await self._link.call(lambda client: client.mget(keys))
+        finally:
+            found = values if isinstance(values, list) and len(values) == len(batch) else [None] * len(batch)
+            for (_, future), value in zip(batch, found, strict=True):
+                if not future.done():
+                    future.set_result(value if isinstance(value, bytes) else None)
 
     async def set(self, key: str, answer: CachedAnswer) -> None:
         payload = answer.to_bytes()
