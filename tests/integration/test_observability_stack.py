@@ -95,9 +95,16 @@ def unique(text: str = "question") -> str:
     return f"{text} {uuid.uuid4().hex}"
 
 
-def predict(service: ServiceProcess, status: int, **body: Any) -> None:
+def predict(service: ServiceProcess, status: int, **body: Any) -> dict[str, Any]:
     response = service.http.post("/v1/predict", json={"model": "gpt-4", **body})
     assert response.status_code == status, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def cache_level(service: ServiceProcess, **body: Any) -> str | None:
+    level: str | None = predict(service, 200, **body)["metadata"]["cache_level"]
+    return level
 
 
 def to_promql(expr: str) -> str:
@@ -281,10 +288,10 @@ def test_dashboard_and_alert_queries_run_against_a_real_prometheus(
 
     # Round two moves them: misses, memory hits, a Redis hit, a 404, a provider error, an open breaker.
     shared = unique()
-    predict(a, 200, input=shared)  # miss, stored in memory and Redis
-    predict(a, 200, input=shared)  # memory hit on a
-    predict(b, 200, input=shared)  # Redis hit on b
-    predict(b, 200, input=shared)  # memory hit on b
+    assert cache_level(a, input=shared) is None  # a miss, stored in memory and in Redis
+    assert cache_level(a, input=shared) == "memory"
+    assert cache_level(b, input=shared) == "redis"
+    assert cache_level(b, input=shared) == "memory"
     predict(a, 200, input=unique(), variant="cot")
     predict(b, 200, input=unique())
     predict(a, 404, model="gpt-9", input="hi")
