@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -35,6 +35,8 @@ class Metrics:
     """The service's metric families; one instance per app, on its own registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # `*_created` series double the scrape and no dashboard or alert reads them.
+        disable_created_metrics()
         self.registry = registry
         self.predictions = Counter(
             "dspy_predictions_total",
