@@ -36,7 +36,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         # `*_created` series double the scrape and no dashboard or alert reads them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         self.registry = registry
         self.predictions = Counter(
             "dspy_predictions_total",
