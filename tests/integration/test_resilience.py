@@ -361,7 +361,10 @@ def test_retry_honours_the_providers_retry_after(service_factory: ServiceFactory
     started = time.perf_counter()
     response = post(service.http, input=unique())
     waited = time.perf_counter() - started
-    print(f"\n429 then success: status {response.status_code} after {waited:.2f} s, calls {sim.stats()['calls']}")
+    print(
+        f"\n429 then success: status {response.status_code} after {waited:.2f} s, "
+        f"calls {sim.stats()['calls']}"
+    )
     assert response.status_code == 200
     assert sim.stats()["calls"] == 2
     assert waited >= 1.0

@@ -146,7 +146,13 @@ class Simulator:
 
     def reset(self) -> None:
         self.configure(
-            latency_ms=0, jitter_ms=0, error_rate=0, error_status=500, retry_after=None, hang=False, fail_next=0
+            latency_ms=0,
+            jitter_ms=0,
+            error_rate=0,
+            error_status=500,
+            retry_after=None,
+            hang=False,
+            fail_next=0,
         )
         self.http.post("/_sim/reset").raise_for_status()
 
