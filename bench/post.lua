@@ -5,6 +5,8 @@
 --   BENCH_BODY_FILE  file holding the JSON body
 --   BENCH_UNIQUE     if set, the text __UNIQUE__ in the body is replaced, per request, by
 --                    "<BENCH_UNIQUE>-<thread>-<n>", so that every request is a cache miss
+--   BENCH_CYCLE      with BENCH_UNIQUE: cycle through N keys, "<BENCH_UNIQUE>-<n mod N>", so that
+--                    requests in flight together ask for different keys that are all cached
 --
 -- done() prints one line starting with BENCH_JSON. wrk counts every response with status >= 400
 -- in errors.status (and socket errors in connect/read/write/timeout); the report shows them all.
@@ -20,6 +22,7 @@ wrk.body = body
 wrk.headers["Content-Type"] = "application/json"
 
 local unique = os.getenv("BENCH_UNIQUE")
+local cycle = tonumber(os.getenv("BENCH_CYCLE") or "")
 local thread_count = 0
 
 function setup(thread)
@@ -33,8 +36,13 @@ if unique ~= nil and unique ~= "" then
   local counter = 0
   request = function()
     counter = counter + 1
-    local text = head .. unique .. "-" .. tostring(thread_id) .. "-" .. tostring(counter) .. tail
-    return wrk.format(nil, nil, nil, text)
+    local key
+    if cycle ~= nil then
+      key = unique .. "-" .. tostring(counter % cycle)
+    else
+      key = unique .. "-" .. tostring(thread_id) .. "-" .. tostring(counter)
+    end
+    return wrk.format(nil, nil, nil, head .. key .. tail)
   end
 end
 

@@ -20,6 +20,8 @@ class RunSample:
     redis_commands_per_request: float | None
     # Share of the server's core that other processes (or the hypervisor) took during the run.
     foreign_cpu_share: float | None = None
+    # Share of one core the server itself used during the run.
+    server_cpu_share: float | None = None
 
 
 @dataclass(slots=True)
@@ -118,6 +120,7 @@ class ScenarioResult:
                     "provider_calls_per_request": s.provider_calls_per_request,
                     "redis_commands_per_request": s.redis_commands_per_request,
                     "foreign_cpu_share": s.foreign_cpu_share,
+                    "server_cpu_share": s.server_cpu_share,
                 }
                 for s in self.samples
             ],

@@ -15,6 +15,7 @@ non-zero only when it could not run at all.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -60,6 +61,10 @@ QUESTION = "What is the capital of France?"
 PREDICT_BODY = {"model": "gpt-3.5-turbo", "input": QUESTION}
 UNIQUE_PREDICT_BODY = {"model": "gpt-3.5-turbo", "input": f"__UNIQUE__ {QUESTION}"}
 SLOW_PROVIDER_MS = 50.0
+REDIS_KEYS = 256
+# A run during which other processes took more than this share of the server's core, while the
+# server itself was busy, is run again (within a budget): the machine may be shared.
+DISTURBED_SHARE = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +76,22 @@ class Scenario:
     unique: bool = False
     provider_ms: float | None = None  # the simulator's latency for this scenario
     expect_cache: str | None = None  # the cache level a repeated request must report
+    key_pool: int | None = None  # cycle through this many cached keys (needs the "unique" body)
 
 
 BARE = Scenario("bare", "bare Starlette app (ceiling)", PREDICT_PATH, "predict")
 MEMORY_HIT = Scenario("memory_hit", "memory hit", PREDICT_PATH, "predict", expect_cache="memory")
-REDIS_HIT = Scenario("redis_hit", "Redis hit", PREDICT_PATH, "predict", expect_cache="redis")
+# Distinct keys, so that lookups in flight together are for different keys, as in production; they
+# may still share one round trip (the service batches lookups made in one event-loop turn).
+REDIS_HIT = Scenario(
+    "redis_hit",
+    f"Redis hit ({REDIS_KEYS} keys)",
+    PREDICT_PATH,
+    "unique",
+    provider_ms=0.0,
+    expect_cache="redis",
+    key_pool=REDIS_KEYS,
+)
 MISS_0 = Scenario("miss_0ms", "miss, provider 0 ms", PREDICT_PATH, "unique", True, 0.0)
 MISS_50 = Scenario("miss_50ms", "miss, provider 50 ms", PREDICT_PATH, "unique", True, SLOW_PROVIDER_MS)
 DIRECT_0 = Scenario("direct_0ms", "direct to provider, 0 ms", CHAT_PATH, "chat", provider_ms=0.0)
@@ -132,6 +148,9 @@ class Bench:
         self._checks: dict[str, str] = {}
         self._provider_ms: float | None = None
         self._simulator_core = options.load_core
+        self._pool_prefix = f"pool-{self.nonce}"
+        self.reruns_left = 0
+        self.reruns = 0
         self.bodies = {
             "predict": self._write_body("predict", PREDICT_BODY),
             "unique": self._write_body("unique", UNIQUE_PREDICT_BODY),
@@ -160,7 +179,10 @@ class Bench:
     def check(self, scenario: Scenario, server: HttpProcess) -> str:
         """Two requests before measuring: both must succeed, the second must be served as expected."""
         body = self.bodies[scenario.body].read_bytes()
-        if scenario.unique:
+        if scenario.key_pool:
+            self.fill(scenario, server)
+            body = body.replace(b"__UNIQUE__", f"{self._pool_prefix}-0".encode())
+        elif scenario.unique:
             body = body.replace(b"__UNIQUE__", f"check-{self.nonce}".encode())
         seen = ""
         for _ in range(2):
@@ -177,6 +199,30 @@ class Bench:
         if scenario.expect_cache is not None and seen != scenario.expect_cache:
             raise RuntimeError(f"a repeated request was served from {seen!r}, not {scenario.expect_cache!r}")
         return f"second request: cache_level={seen}" if seen else "answers 2xx"
+
+    def fill(self, scenario: Scenario, server: HttpProcess) -> None:
+        """Ask once for every key of the scenario's pool, so that each is in the cache."""
+        template = self.bodies[scenario.body].read_text()
+        bodies = [
+            template.replace("__UNIQUE__", f"{self._pool_prefix}-{n}").encode()
+            for n in range(scenario.key_pool or 0)
+        ]
+
+        async def post_all() -> None:
+            limit = asyncio.Semaphore(16)
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+
+                async def post(body: bytes) -> None:
+                    async with limit:
+                        response = await client.post(
+                            scenario.path, content=body, headers={"Content-Type": "application/json"}
+                        )
+                        if response.status_code >= 300:
+                            raise RuntimeError(f"filling the cache got HTTP {response.status_code}")
+
+                await asyncio.gather(*(post(body) for body in bodies))
+
+        asyncio.run(post_all())
 
     def prepare(self, scenario: Scenario, server: HttpProcess) -> None:
         """Put the simulator where the scenario needs it: latency, and core 0 when it is the server."""
@@ -199,6 +245,11 @@ class Bench:
         redis_before = self.redis.stats().get("total_commands_processed", 0)
         core_before = core_busy_seconds(server_core) if server_core is not None else 0.0
         cpu_before = cpu_seconds(server.pid)
+        unique = None
+        if scenario.key_pool:
+            unique = self._pool_prefix
+        elif scenario.unique:
+            unique = f"{scenario.key}-{tag}-{self.nonce}"
         result = run_wrk(
             wrk=self.wrk,
             url=server.url,
@@ -207,13 +258,14 @@ class Bench:
             connections=connections,
             duration_s=duration_s,
             core=self.options.load_core,
-            unique=f"{scenario.key}-{tag}-{self.nonce}" if scenario.unique else None,
+            unique=unique,
+            cycle=scenario.key_pool,
         )
         cpu_spent = cpu_seconds(server.pid) - cpu_before
         foreign = None
         if server_core is not None and result.duration_s > 0:
             core_spent = core_busy_seconds(server_core) - core_before
-            foreign = max(0.0, (core_spent - cpu_spent) / result.duration_s)
+            foreign = min(1.0, max(0.0, (core_spent - cpu_spent) / result.duration_s))
         # INFO itself counts: the call before is not in its own total, the call after is.
         redis_spent = self.redis.stats().get("total_commands_processed", 0) - redis_before - 1
         calls_spent = self.simulator.calls() - calls_before
@@ -225,7 +277,26 @@ class Bench:
             provider_calls_per_request=calls_spent / requests if through_service else None,
             redis_commands_per_request=redis_spent / requests if through_service else None,
             foreign_cpu_share=foreign,
+            server_cpu_share=cpu_spent / result.duration_s if result.duration_s > 0 else None,
         )
+
+    def one_run_undisturbed(
+        self, scenario: Scenario, server: HttpProcess, connections: int, round_no: int
+    ) -> RunSample:
+        """One measured run; run again while others took the server's core from under a busy server."""
+        attempt = 0
+        while True:
+            tag = f"c{connections}-{round_no}-{attempt}"
+            sample = self.one_run(scenario, server, connections, self.options.duration_s, tag)
+            foreign, busy = sample.foreign_cpu_share, sample.server_cpu_share
+            disturbed = foreign is not None and foreign > DISTURBED_SHARE and (busy or 0.0) > DISTURBED_SHARE
+            if not disturbed or attempt >= 2 or self.reruns_left <= 0:
+                return sample
+            assert foreign is not None
+            self.reruns_left -= 1
+            self.reruns += 1
+            attempt += 1
+            _log(f"{scenario.key} c={connections}: others took {100 * foreign:.0f}% of the core: run again")
 
     def warm_up(self, scenario: Scenario, server: HttpProcess) -> str | None:
         """Check the scenario answers as it must and warm it up; the failure, if it cannot run."""
@@ -259,6 +330,7 @@ class Bench:
                 self.results.scenarios.append(outcome)
             if failure is None:
                 runnable.append((scenario, server))
+        self.reruns_left = len(runnable) * len(self.options.connections)  # one round's worth
         for round_no in range(self.options.repeat):
             for scenario, server in runnable:
                 for connections in self.options.connections:
@@ -266,13 +338,7 @@ class Bench:
                     if outcome.failure:
                         continue
                     try:
-                        sample = self.one_run(
-                            scenario,
-                            server,
-                            connections,
-                            self.options.duration_s,
-                            f"c{connections}-{round_no}",
-                        )
+                        sample = self.one_run_undisturbed(scenario, server, connections, round_no)
                     except (RuntimeError, ValueError, OSError, httpx.HTTPError) as exc:
                         _log(f"{scenario.key} c={connections}: run failed: {exc}")
                         outcome.failure = f"run failed: {str(exc)[:200]}"
@@ -288,6 +354,11 @@ class Bench:
         for scenario, server in plan:
             for connections in self.options.connections:
                 outcomes[scenario.key, connections].rss_mb = rss_mb(server.pid)
+        if self.reruns:
+            self.results.notes.append(
+                f"{self.reruns} run(s) were run again because other processes took over "
+                f"{100 * DISTURBED_SHARE:.0f}% of the server's core while the server was busy"
+            )
 
     def profile(self, scenario: Scenario, server: HttpProcess) -> None:
         """One extra run at the highest connection count with py-spy attached (not in the table)."""

@@ -85,11 +85,14 @@ def run_wrk(
     duration_s: int,
     core: int | None,
     unique: str | None = None,
+    cycle: int | None = None,
 ) -> WrkResult:
     """One wrk run: one thread, `connections` keep-alive connections, for `duration_s` seconds."""
     env = {**os.environ, "BENCH_PATH": path, "BENCH_BODY_FILE": str(body_file)}
     if unique is not None:
         env["BENCH_UNIQUE"] = unique
+        if cycle is not None:
+            env["BENCH_CYCLE"] = str(cycle)
     command = pinned(
         [
             wrk,
