@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dspy_service.api import probes, routes
+from dspy_service.api import batch, experiments, probes, routes
 from dspy_service.api.compression import CompressionMiddleware
 from dspy_service.api.responses import JSONResponse, error_body, error_response
 from dspy_service.errors import ServiceError
@@ -91,6 +91,8 @@ def create_app(services: Services) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/predict", routes.PredictEndpoint(services), methods=["POST"]),
+            Route("/v1/predict/batch", batch.predict_batch, methods=["POST"]),
+            Route("/v1/experiments", experiments.experiments, methods=["GET"]),
             Route("/health", probes.health, methods=["GET"]),
             Route("/ready", probes.ready, methods=["GET"]),
             Route("/metrics", probes.metrics, methods=["GET"]),

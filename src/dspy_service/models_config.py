@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dspy_service.errors import ConfigError
+from dspy_service.experiments import normalize_weights
 
 ModuleKind = Literal["predict", "chain_of_thought"]
 
@@ -88,6 +89,11 @@ class ModelsConfig(_Strict):
             raise ValueError("must name at least one entry")
         return value
 
+    @field_validator("ab_weights")
+    @classmethod
+    def _weights_normalized(cls, value: dict[str, float]) -> dict[str, float]:
+        return normalize_weights(value) if value else value
+
     @model_validator(mode="after")
     def _references_resolve(self) -> ModelsConfig:
         if self.default_variant not in self.variants:
@@ -101,6 +107,8 @@ class ModelsConfig(_Strict):
         for variant in self.ab_weights:
             if variant not in self.variants:
                 raise ValueError(f"ab_weights names unknown variant {variant!r}")
+        if self.ab_testing_enabled and not self.ab_weights:
+            raise ValueError("ab_testing_enabled needs ab_weights, e.g. {baseline: 0.9, cot: 0.1}")
         return self
 
 

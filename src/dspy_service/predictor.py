@@ -26,6 +26,7 @@ from dspy_service.errors import (
     ProviderTimeout,
     ServiceError,
 )
+from dspy_service.experiments import build_assigner
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics, RouteMetrics
 from dspy_service.models_config import ModelsConfig, ModelSpec
@@ -46,6 +47,7 @@ class PredictionInput:
     input: str
     parameters: dict[str, Any]
     use_cache: bool
+    user_id: str | None = None  # with A/B testing on, keeps a user on one variant
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class Predictor:
         self._upstream: dict[str, asyncio.Task[tuple[CachedAnswer, Usage]]] = {}
         self._upstream_count = 0
         self._random = random.Random()
+        self._assigner = build_assigner(config.ab_testing_enabled, config.ab_weights)
 
     @property
     def upstream_in_flight(self) -> int:
@@ -141,7 +144,9 @@ class Predictor:
             raise NotFound(
                 f"unknown model {request.model!r}; known: {', '.join(sorted(self._config.models))}"
             )
-        variant = request.variant or self._config.default_variant
+        variant = request.variant or (
+            self._assigner.assign(request.user_id) if self._assigner else self._config.default_variant
+        )
         program = self._programs.get(variant)
         if program is None:
             raise NotFound(f"unknown variant {variant!r}; known: {', '.join(sorted(self._programs))}")

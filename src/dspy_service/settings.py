@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=256)
     costs_flush_interval_secs: float = Field(default=1.0, gt=0)
     cors_allow_origins: str = ""
+    batch_max_items: int = Field(default=32, ge=1, le=1000)  # items per POST /v1/predict/batch
+    batch_concurrency: int = Field(default=8, ge=1, le=256)  # items of one batch predicted at once
 
     simulator_port: int = Field(default=8099, ge=0, le=65535)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -15,11 +15,35 @@ from dspy_service.api.deps import services_of
 from dspy_service.api.responses import JSONResponse
 from dspy_service.api.schemas import PredictRequest, describe_validation_error
 from dspy_service.errors import InvalidRequest
-from dspy_service.predictor import PredictionInput
+from dspy_service.predictor import Prediction, PredictionInput
 from dspy_service.timefmt import utc_now_iso
 
 if TYPE_CHECKING:
     from dspy_service.services import Services
+
+
+def prediction_body(request_id: str, result: Prediction) -> dict[str, Any]:
+    """The JSON object `/v1/predict` answers with; also each successful item of a batch."""
+    return {
+        "request_id": request_id,
+        "model": result.model,
+        "model_served": result.model_served,
+        "variant": result.variant,
+        "output": result.output,
+        "outputs": result.outputs,
+        "metadata": {
+            "latency_ms": round(result.latency_ms, 3),
+            "cached": result.cache_level is not None,
+            "cache_level": result.cache_level,
+            "coalesced": result.coalesced,
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "cost_usd": result.cost_usd,
+            "cost_saved_usd": result.cost_saved_usd,
+            "cost_known": result.cost_usd is not None,
+            "timestamp": utc_now_iso(),
+        },
+    }
 
 
 class PredictEndpoint:
@@ -59,7 +83,12 @@ class PredictEndpoint:
         try:
             result = await self._predictor.predict(
                 PredictionInput(
-                    parsed.model, parsed.variant, parsed.input, parsed.parameters, parsed.use_cache
+                    parsed.model,
+                    parsed.variant,
+                    parsed.input,
+                    parsed.parameters,
+                    parsed.use_cache,
+                    parsed.user_id,
                 )
             )
         finally:
@@ -71,28 +100,7 @@ class PredictEndpoint:
         log_fields["input_tokens"] = result.input_tokens
         log_fields["output_tokens"] = result.output_tokens
         log_fields["cost_usd"] = result.cost_usd
-        body = orjson.dumps(
-            {
-                "request_id": state["request_id"],
-                "model": result.model,
-                "model_served": result.model_served,
-                "variant": result.variant,
-                "output": result.output,
-                "outputs": result.outputs,
-                "metadata": {
-                    "latency_ms": round(result.latency_ms, 3),
-                    "cached": result.cache_level is not None,
-                    "cache_level": result.cache_level,
-                    "coalesced": result.coalesced,
-                    "input_tokens": result.input_tokens,
-                    "output_tokens": result.output_tokens,
-                    "cost_usd": result.cost_usd,
-                    "cost_saved_usd": result.cost_saved_usd,
-                    "cost_known": result.cost_usd is not None,
-                    "timestamp": utc_now_iso(),
-                },
-            }
-        )
+        body = orjson.dumps(prediction_body(state["request_id"], result))
         await send(
             {
                 "type": "http.response.start",

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 MAX_PARAMETERS = 32
 MAX_INPUT_CHARS = 100_000
+USER_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"  # any text without control characters
 
 
 class PredictRequest(BaseModel):
@@ -22,6 +23,16 @@ class PredictRequest(BaseModel):
     input: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
     parameters: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
     use_cache: bool = True
+    user_id: str | None = Field(default=None, min_length=1, max_length=256, pattern=USER_ID_PATTERN)
+
+
+class BatchRequest(BaseModel):
+    """Body of POST /v1/predict/batch: `/v1/predict` bodies, each validated on its own (a bad item
+    fails alone); how many are allowed is BATCH_MAX_ITEMS, checked by the endpoint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    requests: list[Any] = Field(min_length=1)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
