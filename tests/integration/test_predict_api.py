@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
 
 from tests.integration.conftest import TEST_API_KEY, ServiceFactory
-from tests.support.processes import ServiceProcess, Simulator
+from tests.support.processes import ServiceProcess, Simulator, wait_until
 
 
 def unique(text: str = "question") -> str:
@@ -68,8 +69,17 @@ def test_request_id_from_header_and_from_body(shared_service: ServiceProcess, si
     )
     assert by_body.json()["request_id"] == "body-456"
     assert by_body.headers["x-request-id"] == "body-456"
-    lines = [line for line in shared_service.log_lines() if line.get("request_id") == "body-456"]
-    assert any(line["event"] == "request.completed" for line in lines)
+
+    def logged() -> list[dict[str, Any]]:
+        return [line for line in shared_service.log_lines() if line.get("request_id") == "body-456"]
+
+    # The access line is written once the response has gone out, so it may trail the response a little.
+    wait_until(
+        lambda: any(line["event"] == "request.completed" for line in logged()),
+        timeout=5,
+        what="the request's access-log line",
+    )
+    lines = logged()
     completed = next(line for line in lines if line["event"] == "request.completed")
     assert completed["model"] == "gpt-4"
     assert completed["variant"] == "baseline"
