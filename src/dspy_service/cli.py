@@ -1,4 +1,4 @@
-"""`dspy-service serve | simulate`."""
+"""`dspy-service serve | simulate`, and the client commands `predict | costs` (client_cli.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import uvicorn
 import uvloop
 from pydantic import ValidationError
 
+from dspy_service import client_cli
 from dspy_service.errors import ConfigError
 from dspy_service.logs import configure_logging, get_logger
 
@@ -182,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--error-rate", type=float, default=0.0)
     simulate.add_argument("--error-status", type=int, default=500)
     simulate.add_argument("--hang", action="store_true")
+    client_cli.add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in ("predict", "costs"):
+        return client_cli.run(args)
     if args.command == "serve":
         # uvicorn.run() would pick uvloop itself; serving a Server object ourselves, we must.
         return uvloop.run(_serve())
