@@ -95,6 +95,7 @@ def _summary(samples: list[float], wall: float) -> dict[str, float]:
         "cpu_ms_median": statistics.median(samples) * 1000,
         "cpu_ms_mean": statistics.fmean(samples) * 1000,
         "calls_per_s": len(samples) / wall if wall > 0 else 0.0,
+        "wall_ms_mean": 1000 * wall / len(samples) if samples else 0.0,
     }
 
 

@@ -317,10 +317,20 @@ def _dspy_lines(results: BenchResults) -> list[str]:
         return []
     plain = results.dspy["plain"]["cpu_ms_median"]
     tracked = results.dspy["track_usage"]["cpu_ms_median"]
+    wall = results.dspy["track_usage"].get("wall_ms_mean")
     out = [
         f"- DSPy in isolation (`await Predict.acall()`, native engine, simulator at 0 ms): "
-        f"{plain:.2f} ms CPU per call; {tracked:.2f} ms with usage tracking as the service runs it.",
+        f"{plain:.2f} ms CPU per call; {tracked:.2f} ms with usage tracking as the service runs it"
+        + (f", {wall:.2f} ms wall per call one after another." if wall else "."),
     ]
+    miss_1, direct_1 = results.find("miss_0ms", 1), results.find("direct_0ms", 1)
+    if wall and miss_1 and direct_1 and miss_1.p50_ms is not None and direct_1.p50_ms is not None:
+        added = miss_1.p50_ms - direct_1.p50_ms
+        out.append(
+            f"- At 1 connection, provider 0 ms, a miss adds {added:.2f} ms to the provider's p50; DSPy's "
+            f"call alone takes {wall - direct_1.p50_ms:.2f} ms of wall time beyond the provider's answer, "
+            f"so about {added - (wall - direct_1.p50_ms):.2f} ms is ours."
+        )
     miss = results.find("miss_0ms", 32)
     if miss is not None and miss.cpu_ms is not None:
         ours = miss.cpu_ms - tracked
