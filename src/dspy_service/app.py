@@ -14,7 +14,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dspy_service.api import batch, experiments, probes, routes
+from dspy_service.api.auth import AuthMiddleware
 from dspy_service.api.compression import CompressionMiddleware
+from dspy_service.api.limits import BodyReadTimeoutMiddleware, RateLimitMiddleware
+from dspy_service.api.openapi import OpenAPIEndpoint
 from dspy_service.api.responses import JSONResponse, error_body, error_response
 from dspy_service.errors import ServiceError
 from dspy_service.logs import AccessLog, get_logger
@@ -75,6 +78,9 @@ def create_app(services: Services) -> Starlette:
             metrics=services.metrics,
             access_log=AccessLog(level=settings.log_level, fmt=settings.log_format),
         ),
+        Middleware(
+            BodyReadTimeoutMiddleware, timeout_secs=settings.body_read_timeout_secs, metrics=services.metrics
+        ),
     ]
     if settings.cors_origins:
         middleware.append(
@@ -87,6 +93,20 @@ def create_app(services: Services) -> Starlette:
                 allow_credentials="*" not in settings.cors_origins,
             )
         )
+    # Inside CORS (preflights need no key), outside the routes: 401 and 429 come before any body is read.
+    if services.keyring is not None:
+        middleware.append(
+            Middleware(
+                AuthMiddleware,
+                keyring=services.keyring,
+                metrics=services.metrics,
+                metrics_public=settings.metrics_public,
+            )
+        )
+    if services.rate_limiter is not None:
+        middleware.append(
+            Middleware(RateLimitMiddleware, limiter=services.rate_limiter, metrics=services.metrics)
+        )
     middleware.append(Middleware(CompressionMiddleware, minimum_size=1024))
     app = Starlette(
         routes=[
@@ -98,6 +118,7 @@ def create_app(services: Services) -> Starlette:
             Route("/metrics", probes.metrics, methods=["GET"]),
             Route("/costs", routes.costs, methods=["GET"]),
             Route("/config", routes.config, methods=["GET"]),
+            Route("/openapi.json", OpenAPIEndpoint(services), methods=["GET"]),
         ],
         middleware=middleware,
         exception_handlers={

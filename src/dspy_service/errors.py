@@ -56,5 +56,25 @@ class ShuttingDown(ServiceError):
     status = 503
 
 
+class Unauthorized(ServiceError):
+    type = "unauthorized"
+    status = 401
+
+
+class RequestTimeout(ServiceError):
+    type = "request_timeout"
+    status = 408
+
+
+class RateLimited(ServiceError):
+    type = "rate_limited"
+    status = 429
+
+
+class BudgetExceeded(ServiceError):
+    type = "budget_exceeded"
+    status = 429
+
+
 class ConfigError(Exception):
     """The models file (or another start-up input) is wrong; start-up stops with this message."""

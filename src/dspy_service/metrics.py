@@ -100,6 +100,13 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.budget_spent_ratio = Gauge(
+            "dspy_budget_spent_ratio",
+            "Share of today's (UTC) budget spent fleet-wide, by scope (model, tenant) and name.",
+            ["scope", "name"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
         self.cache_hit_memory = self.cache_operations.labels("memory", "hit")
         self.cache_miss_memory = self.cache_operations.labels("memory", "miss")
         self.cache_hit_redis = self.cache_operations.labels("redis", "hit")

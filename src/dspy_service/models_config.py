@@ -5,6 +5,7 @@ Any problem stops start-up with a message naming the file, the entry and the pro
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,13 +75,43 @@ class VariantSpec(_Strict):
         return value
 
 
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
+
+
+class BudgetLimit(_Strict):
+    daily_usd: float = Field(gt=0, description="USD that may be spent per UTC day")
+
+
+class BudgetsConfig(_Strict):
+    """Daily spend budgets: per model (by its public name) and per tenant (named in the API keys)."""
+
+    models: dict[str, BudgetLimit] = Field(default_factory=dict)
+    tenants: dict[str, BudgetLimit] = Field(default_factory=dict)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, BudgetLimit]) -> dict[str, BudgetLimit]:
+        for name in value:
+            if not re.match(TENANT_NAME_PATTERN, name):
+                raise ValueError(f"tenant {name!r}: letters, digits and ._- only, up to 64 characters")
+        return value
+
+
 class ModelsConfig(_Strict):
     default_variant: str = "baseline"
     ab_testing_enabled: bool = False
     ab_weights: dict[str, float] = Field(default_factory=dict)
     models: dict[str, ModelSpec]
     variants: dict[str, VariantSpec]
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     source: Path = Path("<memory>")
+
+    @model_validator(mode="after")
+    def _budgets_name_known_models(self) -> ModelsConfig:
+        for key in self.budgets.models:
+            if key not in self.models:
+                raise ValueError(f"budgets.models names unknown model {key!r}")
+        return self
 
     @field_validator("models", "variants")
     @classmethod

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dspy_service.breaker import CircuitBreaker
+from dspy_service.budgets import Budgets
 from dspy_service.cache import CachedAnswer, TwoLevelCache, cache_key
 from dspy_service.costs import CostLedger, PriceLookup, Usage, price_usage
 from dspy_service.errors import (
@@ -48,6 +49,7 @@ class PredictionInput:
     parameters: dict[str, Any]
     use_cache: bool
     user_id: str | None = None  # with A/B testing on, keeps a user on one variant
+    tenant: str | None = None  # from the API key; its daily budget applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class _Route:
     program: LoadedProgram
     inputs: dict[str, Any]
     lm_options: dict[str, Any]
+    tenant: str | None = None
 
 
 def _check_lm_option(name: str, value: Any) -> Any:
@@ -118,7 +121,9 @@ class Predictor:
         prices: PriceLookup,
         request_timeout_secs: float,
         max_in_flight: int,
+        budgets: Budgets | None = None,
     ) -> None:
+        self._budgets = budgets  # daily spend budgets: checked before a miss goes upstream
         self._config = config
         self._programs = programs
         self._lms = lms
@@ -168,7 +173,7 @@ class Predictor:
             raise InvalidRequest(
                 f"variant {variant!r} needs input field(s) {', '.join(missing)} in parameters"
             )
-        return _Route(model, program, inputs, lm_options)
+        return _Route(model, program, inputs, lm_options, request.tenant)
 
     async def predict(self, request: PredictionInput) -> Prediction:
         started = time.perf_counter()
@@ -195,6 +200,8 @@ class Predictor:
                 if hit is not None:
                     return self._served_from_cache(request, metrics, variant, hit, "redis", started)
             coalesced = key is not None and key in self._upstream
+            if self._budgets is not None and not coalesced:
+                await self._budgets.check(model_key, request.tenant)
             answer, usage = await self._call_upstream(key, route)
         except ServiceError:
             metrics.error.inc()  # the error's type is counted where it becomes a response
@@ -331,6 +338,8 @@ class Predictor:
             self._metrics.unpriced.labels(model_id).inc()
         if spent:
             self._ledger.record_miss(route.model.key, route.program.variant, usage)
+        if self._budgets is not None:
+            self._budgets.record(route.model.key, route.tenant, usage.cost_usd)
         return usage
 
     async def _run_with_fallbacks(

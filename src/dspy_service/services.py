@@ -7,14 +7,18 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from dspy_service.api_keys import Keyring, load_keyring
 from dspy_service.breaker import BreakerState, CircuitBreaker
+from dspy_service.budgets import Budgets
 from dspy_service.cache import MemoryCache, RedisCache, TwoLevelCache
 from dspy_service.costs import CostLedger, Price, configured_price
+from dspy_service.errors import ConfigError
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
 from dspy_service.models_config import ModelsConfig, load_models_config
 from dspy_service.predictor import Predictor
 from dspy_service.programs import LanguageModels, LoadedProgram, bundled_price, configure_dspy, load_program
+from dspy_service.ratelimit import RateLimiter
 from dspy_service.redis_link import RedisLink
 from dspy_service.settings import Settings
 
@@ -42,11 +46,16 @@ class Services:
     redis_link: RedisLink | None
     provider_description: str
     lifecycle: Lifecycle
+    keyring: Keyring | None = None  # None: authentication is off
+    rate_limiter: RateLimiter | None = None
+    budgets: Budgets | None = None
 
     async def start(self) -> None:
         if self.redis_link is not None:
             await self.redis_link.start()
         self.ledger.start()
+        if self.budgets is not None:
+            self.budgets.start()
         self.lifecycle.started = True
         _log.info(
             "service.started",
@@ -60,6 +69,8 @@ class Services:
 
     async def stop(self) -> None:
         await self.ledger.close()
+        if self.budgets is not None:
+            await self.budgets.close()
         if self.redis_link is not None:
             await self.redis_link.close()
         _log.info("service.stopped")
@@ -71,6 +82,31 @@ def build_price_lookup(config: ModelsConfig) -> dict[str, Price | None]:
     for spec in config.models.values():
         prices[spec.name] = configured_price(spec) or bundled_price(spec.name)
     return prices
+
+
+def build_budgets(
+    config: ModelsConfig,
+    prices: dict[str, Price | None],
+    keyring: Keyring | None,
+    link: RedisLink | None,
+    metrics: Metrics,
+) -> Budgets | None:
+    """The models file's budgets, or None without any. A budget whose spend cannot be priced stops
+    start-up; one for a tenant no API key names is only a warning (keys change more often)."""
+    budgets = config.budgets
+    for key in budgets.models:
+        if prices.get(config.models[key].name) is None:
+            raise ConfigError(
+                f"{config.source}: budgets.models.{key}: no price is known for this model, so its "
+                "spend cannot be counted; give cost_per_1k_input_tokens and cost_per_1k_output_tokens"
+            )
+    known_tenants = set(keyring.tenants) if keyring is not None else set()
+    for tenant in budgets.tenants:
+        if tenant not in known_tenants:
+            _log.warning("budget.unknown_tenant", tenant=tenant, detail="no API key names this tenant")
+    if not budgets.models and not budgets.tenants:
+        return None
+    return Budgets(budgets, link, metrics)
 
 
 def build_services(
@@ -131,6 +167,10 @@ def build_services(
         metrics.set_breaker_state(key, "closed")
     ledger = CostLedger(link, settings.costs_flush_interval_secs)
     prices = build_price_lookup(models_config)
+    keyring = load_keyring(settings)
+    budgets = build_budgets(models_config, prices, keyring, link, metrics)
+    rule = settings.rate_limit_rule
+    rate_limiter = RateLimiter(link, limit=rule[0], period_secs=rule[1]) if rule is not None else None
     predictor = Predictor(
         config=models_config,
         programs=programs,
@@ -142,6 +182,7 @@ def build_services(
         prices=prices.get,
         request_timeout_secs=settings.request_timeout_secs,
         max_in_flight=settings.max_in_flight,
+        budgets=budgets,
     )
     return Services(
         settings=settings,
@@ -155,4 +196,7 @@ def build_services(
         redis_link=link,
         provider_description=provider_description,
         lifecycle=Lifecycle(),
+        keyring=keyring,
+        rate_limiter=rate_limiter,
+        budgets=budgets,
     )

@@ -6,6 +6,7 @@ There is no module-level instance: `Settings()` is built by the CLI and handed d
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -57,12 +58,25 @@ class Settings(BaseSettings):
     batch_max_items: int = Field(default=32, ge=1, le=1000)  # items per POST /v1/predict/batch
     batch_concurrency: int = Field(default=8, ge=1, le=256)  # items of one batch predicted at once
 
+    api_keys: SecretStr | None = None  # comma-separated keys (or sha256:<hex>), optional tenant after a space
+    api_keys_file: Path | None = None
+    metrics_public: bool = False
+    rate_limit: str = ""  # e.g. "100/minute"; empty: no rate limit
+    max_input_chars: int = Field(default=100_000, ge=1)
+    body_read_timeout_secs: float = Field(default=10, gt=0)
+
     simulator_port: int = Field(default=8099, ge=0, le=65535)
 
-    @field_validator("openai_api_key", mode="before")
+    @field_validator("openai_api_key", "api_keys", "api_keys_file", mode="before")
     @classmethod
     def _blank_key_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str) -> str:
+        parse_rate_limit(value)
+        return value
 
     @field_validator("openai_base_url", mode="before")
     @classmethod
@@ -81,6 +95,11 @@ class Settings(BaseSettings):
         return [origin.strip() for origin in self.cors_allow_origins.split(",") if origin.strip()]
 
     @property
+    def rate_limit_rule(self) -> tuple[int, int] | None:
+        """`RATE_LIMIT` as (requests, window seconds), or None when there is no limit."""
+        return parse_rate_limit(self.rate_limit)
+
+    @property
     def uses_simulator(self) -> bool:
         """No key and no base URL: the embedded simulator plays the provider."""
         return self.openai_api_key is None and self.openai_base_url is None
@@ -96,7 +115,23 @@ class Settings(BaseSettings):
         if self.openai_base_url is not None:
             view["openai_base_url"] = redact_url(self.openai_base_url)
         view["models_config"] = str(self.models_config)
+        view["api_keys"] = "***" if self.api_keys is not None else None
+        view["api_keys_file"] = str(self.api_keys_file) if self.api_keys_file is not None else None
         return view
+
+
+_RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
+_RATE_LIMIT = re.compile(r"^\s*(\d{1,9})\s*/\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
+
+
+def parse_rate_limit(text: str) -> tuple[int, int] | None:
+    """RATE_LIMIT as (requests, window seconds): "100/minute" is (100, 60); an empty one is None."""
+    if not text.strip():
+        return None
+    found = _RATE_LIMIT.match(text)
+    if found is None or int(found[1]) < 1:
+        raise ValueError(f"RATE_LIMIT must look like '100/minute' (second, minute, hour, day), not {text!r}")
+    return int(found[1]), _RATE_PERIODS[found[2].lower()]
 
 
 def redact_url(url: str) -> str:

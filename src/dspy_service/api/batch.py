@@ -10,6 +10,7 @@ list, more than BATCH_MAX_ITEMS items) is an error of the whole request.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -44,12 +45,13 @@ async def predict_batch(request: Request) -> Response:
     state = request.scope["state"]
     batch_id: str = state["request_id"]
     limit = asyncio.Semaphore(settings.batch_concurrency)
+    scope = _ItemScope(state.get("tenant"), {"max_input_chars": settings.max_input_chars})
     lifecycle = services.lifecycle
     lifecycle.in_flight += 1
     try:
         results = await asyncio.gather(
             *(
-                _predict_item(services.predictor, services.metrics, limit, raw, f"{batch_id}.{index}")
+                _predict_item(services.predictor, services.metrics, limit, raw, f"{batch_id}.{index}", scope)
                 for index, raw in enumerate(items)
             )
         )
@@ -66,12 +68,25 @@ async def predict_batch(request: Request) -> Response:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _ItemScope:
+    """What every item of a batch shares: the caller's tenant (budgets) and the validation limits."""
+
+    tenant: str | None
+    context: dict[str, Any]
+
+
 async def _predict_item(
-    predictor: Predictor, metrics: Metrics, limit: asyncio.Semaphore, raw: Any, default_id: str
+    predictor: Predictor,
+    metrics: Metrics,
+    limit: asyncio.Semaphore,
+    raw: Any,
+    default_id: str,
+    scope: _ItemScope,
 ) -> dict[str, Any]:
     """One item's answer: the `/v1/predict` body with status 200, or its error with its status."""
     try:
-        parsed = PredictRequest.model_validate(raw)
+        parsed = PredictRequest.model_validate(raw, context=scope.context)
     except ValidationError as exc:
         return _item_error(metrics, InvalidRequest(describe_validation_error(exc)), default_id)
     request_id = parsed.request_id or default_id
@@ -85,6 +100,7 @@ async def _predict_item(
                     parsed.parameters,
                     parsed.use_cache,
                     parsed.user_id,
+                    tenant=scope.tenant,
                 )
             )
         except ServiceError as exc:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from starlette.responses import Response
+from starlette.types import Send
 
 from dspy_service.errors import ServiceError
 
@@ -19,6 +22,31 @@ class JSONResponse(Response):
 
 def error_body(error_type: str, message: str, request_id: str | None) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message, "request_id": request_id}}
+
+
+async def send_error(
+    send: Send,
+    exc: ServiceError,
+    request_id: str | None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer with the error shape straight from ASGI middleware (no Starlette response object)."""
+    body = orjson.dumps(error_body(exc.type, exc.message, request_id))
+    extra = list(headers)
+    if exc.retry_after is not None:
+        extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(exc: ServiceError, request_id: str | None) -> JSONResponse:

@@ -57,6 +57,7 @@ class PredictEndpoint:
     def __init__(self, services: Services) -> None:
         self._predictor = services.predictor
         self._lifecycle = services.lifecycle
+        self._validation_context = {"max_input_chars": services.settings.max_input_chars}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks = []
@@ -68,7 +69,7 @@ class PredictEndpoint:
             if not message.get("more_body", False):
                 break
         try:
-            parsed = PredictRequest.model_validate_json(b"".join(chunks))
+            parsed = PredictRequest.model_validate_json(b"".join(chunks), context=self._validation_context)
         except ValidationError as exc:
             raise InvalidRequest(describe_validation_error(exc)) from None
         state = scope["state"]
@@ -89,6 +90,7 @@ class PredictEndpoint:
                     parsed.parameters,
                     parsed.use_cache,
                     parsed.user_id,
+                    tenant=state.get("tenant"),
                 )
             )
         finally:
@@ -149,5 +151,12 @@ async def config(request: Request) -> Response:
             }
             for key, spec in models_config.variants.items()
         },
+        "auth": {  # never the keys: how many there are and the tenants they name
+            "enabled": services.keyring is not None,
+            "keys": len(services.keyring) if services.keyring is not None else 0,
+            "tenants": services.keyring.tenants if services.keyring is not None else [],
+            "metrics_public": services.settings.metrics_public,
+        },
+        "budgets": models_config.budgets.model_dump(mode="json"),
     }
     return JSONResponse(view)

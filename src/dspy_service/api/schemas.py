@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 MAX_PARAMETERS = 32
-MAX_INPUT_CHARS = 100_000
+MAX_INPUT_CHARS = 100_000  # the default; validation context `max_input_chars` (MAX_INPUT_CHARS) overrides it
+MAX_PARAMETER_DEPTH = 8  # nesting of lists and objects inside `parameters`
+_INT64 = (-(2**63), 2**63 - 1)
 USER_ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"  # any text without control characters
 
 
@@ -20,10 +23,24 @@ class PredictRequest(BaseModel):
     request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
     model: str = Field(min_length=1, max_length=200)
     variant: str | None = Field(default=None, min_length=1, max_length=200)
-    input: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
+    input: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
     use_cache: bool = True
     user_id: str | None = Field(default=None, min_length=1, max_length=256, pattern=USER_ID_PATTERN)
+
+    @field_validator("input")
+    @classmethod
+    def _input_within_limit(cls, value: str, info: ValidationInfo) -> str:
+        limit = (info.context or {}).get("max_input_chars", MAX_INPUT_CHARS)
+        if len(value) > limit:
+            raise ValueError(f"at most {limit} characters are allowed (MAX_INPUT_CHARS), not {len(value)}")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_parameter_values(value)
+        return value
 
 
 class BatchRequest(BaseModel):
@@ -33,6 +50,23 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     requests: list[Any] = Field(min_length=1)
+
+
+def check_parameter_values(parameters: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_PARAMETER_DEPTH, integers beyond 64 bits and non-finite numbers
+    (none of them can be hashed into a cache key or sent on); walked without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1) for value in parameters.values()]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_PARAMETER_DEPTH:
+                raise ValueError(f"values may nest at most {MAX_PARAMETER_DEPTH} levels deep")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(value, int) and not (_INT64[0] <= value <= _INT64[1]):
+            raise ValueError("integers must fit in 64 bits")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("numbers must be finite")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

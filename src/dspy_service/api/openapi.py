@@ -1,0 +1,305 @@
+"""`GET /openapi.json`: the service's OpenAPI 3.1 description, built once at start-up.
+
+The request body of `/v1/predict` is derived from `PredictRequest` (the contract the route enforces),
+with the limits of this deployment filled in (MAX_INPUT_CHARS, the LM options' ranges); responses,
+error shapes and headers are described here. Authentication appears only when it is on.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from dspy_service.api.schemas import MAX_PARAMETERS, PredictRequest
+from dspy_service.errors import ServiceError
+from dspy_service.models_config import ModelsConfig
+from dspy_service.settings import Settings
+
+if TYPE_CHECKING:
+    from dspy_service.services import Services
+
+JSON = "application/json"
+_INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+
+LM_OPTION_SCHEMAS: dict[str, Any] = {
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "max_tokens": {"type": "integer", "minimum": 1, "maximum": 32_768},
+    "seed": _INT64,
+    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+}
+
+
+def _error_types() -> list[str]:
+    found: set[str] = {"method_not_allowed", "http_error", "internal_error"}
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        cls = pending.pop()
+        found.add(cls.type)
+        pending.extend(cls.__subclasses__())
+    return sorted(found)
+
+
+def _predict_request_schema(settings: Settings, config: ModelsConfig) -> dict[str, Any]:
+    schema = copy.deepcopy(PredictRequest.model_json_schema())
+    properties = schema["properties"]
+    properties["input"]["maxLength"] = settings.max_input_chars
+    properties["model"]["examples"] = sorted(config.models)
+    properties["parameters"] = {
+        "type": "object",
+        "description": "LM options (below) and the variant's other input fields by name",
+        "properties": LM_OPTION_SCHEMAS,
+        "maxProperties": MAX_PARAMETERS,
+        "default": {},
+    }
+    return schema
+
+
+_PREDICT_RESPONSE = {
+    "type": "object",
+    "required": ["request_id", "model", "model_served", "variant", "output", "outputs", "metadata"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "model": {"type": "string"},
+        "model_served": {"type": "string"},
+        "variant": {"type": "string"},
+        "output": {"description": "the program's main output field"},
+        "outputs": {"type": "object"},
+        "metadata": {
+            "type": "object",
+            "required": [
+                "latency_ms",
+                "cached",
+                "cache_level",
+                "coalesced",
+                "input_tokens",
+                "output_tokens",
+                "cost_usd",
+                "cost_saved_usd",
+                "cost_known",
+                "timestamp",
+            ],
+            "properties": {
+                "latency_ms": {"type": "number", "minimum": 0},
+                "cached": {"type": "boolean"},
+                "cache_level": {"enum": ["memory", "redis", None]},
+                "coalesced": {"type": "boolean"},
+                "input_tokens": {"type": "integer", "minimum": 0},
+                "output_tokens": {"type": "integer", "minimum": 0},
+                "cost_usd": {"type": ["number", "null"]},
+                "cost_saved_usd": {"type": ["number", "null"]},
+                "cost_known": {"type": "boolean"},
+                "timestamp": {"type": "string"},
+            },
+        },
+    },
+}
+
+_HEALTH = {
+    "type": "object",
+    "required": ["status", "version", "uptime_secs", "redis_connected", "circuit_breakers", "provider"],
+    "properties": {
+        "status": {"const": "healthy"},
+        "version": {"type": "string"},
+        "uptime_secs": {"type": "integer", "minimum": 0},
+        "redis_connected": {"type": "boolean"},
+        "python_initialized": {"type": "boolean"},
+        "cache_size": {"type": "integer", "minimum": 0},
+        "circuit_breakers": {
+            "type": "object",
+            "additionalProperties": {"enum": ["closed", "open", "half_open"]},
+        },
+        "provider": {"type": "string"},
+        "warning": {"type": "string"},
+    },
+}
+
+_READY = {
+    "type": "object",
+    "required": ["ready", "checks"],
+    "properties": {"ready": {"type": "boolean"}, "checks": {"type": "object"}},
+}
+
+_COST_TOTALS = {
+    "type": "object",
+    "required": ["total_requests", "total_cost_usd", "cache_hits"],
+    "properties": {
+        "total_requests": {"type": "integer", "minimum": 0},
+        "total_input_tokens": {"type": "integer", "minimum": 0},
+        "total_output_tokens": {"type": "integer", "minimum": 0},
+        "total_cost_usd": {"type": "number"},
+        "cache_hits": {"type": "integer", "minimum": 0},
+        "cost_saved_usd": {"type": "number"},
+        "unpriced_requests": {"type": "integer", "minimum": 0},
+        "last_updated": {"type": ["string", "null"]},
+    },
+}
+
+
+def _error_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["error"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["type", "message", "request_id"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"enum": _error_types()},
+                    "message": {"type": "string"},
+                    "request_id": {"type": ["string", "null"]},
+                },
+            }
+        },
+    }
+
+
+def _error(description: str, *headers: str) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestID"}},
+        "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    for header in headers:
+        response["headers"][header] = {"$ref": f"#/components/headers/{header}"}
+    return response
+
+
+def _ok(description: str, schema: dict[str, Any], media_type: str = JSON) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestID"}},
+        "content": {media_type: {"schema": schema}},
+    }
+
+
+def build_openapi(settings: Settings, config: ModelsConfig, *, auth: bool) -> dict[str, Any]:
+    """The OpenAPI document for this deployment's settings and models file."""
+    protected: dict[str, Any] = {"security": [{"bearerAuth": []}]} if auth else {}
+    unauthorized = {"401": _error("missing or unknown API key", "WWW-Authenticate")} if auth else {}
+    metrics_protected = protected if not settings.metrics_public else {}
+    metrics_unauthorized = unauthorized if not settings.metrics_public else {}
+    rate_limited = (
+        {"429": _error("rate limit (RATE_LIMIT) or daily budget spent", "Retry-After")}
+        if settings.rate_limit_rule is not None or config.budgets.models or config.budgets.tenants
+        else {}
+    )
+    predict = {
+        "post": {
+            "operationId": "predict",
+            "summary": "Run a DSPy program on one input",
+            **protected,
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": _predict_request_schema(settings, config)}},
+            },
+            "responses": {
+                "200": _ok("the program's answer", _PREDICT_RESPONSE),
+                **unauthorized,
+                "404": _error("unknown model or variant"),
+                "408": _error("the request body did not arrive within BODY_READ_TIMEOUT_SECS"),
+                "413": _error("body over MAX_BODY_BYTES"),
+                "422": _error("invalid JSON or body, unknown field or parameter"),
+                **rate_limited,
+                "502": _error("the provider failed or answered in an unparseable shape"),
+                "503": _error("circuit breaker open or too many predictions in flight", "Retry-After"),
+                "504": _error("no answer within the model's timeout or the request deadline"),
+            },
+        }
+    }
+
+    def get(operation_id: str, summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {"get": {"operationId": operation_id, "summary": summary, **extra, "responses": responses}}
+
+    paths = {
+        "/v1/predict": predict,
+        "/health": get("health", "Liveness", {"200": _ok("serving", _HEALTH)}, security=[]),
+        "/ready": get(
+            "ready",
+            "Readiness",
+            {
+                "200": _ok("ready for traffic", _READY),
+                "503": _ok("starting, draining or without Redis", _READY),
+            },
+            security=[],
+        ),
+        "/metrics": get(
+            "metrics",
+            "Prometheus metrics",
+            {"200": _ok("Prometheus text format", {"type": "string"}, "text/plain"), **metrics_unauthorized},
+            **metrics_protected,
+        ),
+        "/costs": get(
+            "costs",
+            "Cost totals per model:variant",
+            {
+                "200": {
+                    **_ok("totals", {"type": "object", "additionalProperties": _COST_TOTALS}),
+                    "headers": {
+                        "X-Request-ID": {"$ref": "#/components/headers/RequestID"},
+                        "X-Costs-Scope": {"required": True, "schema": {"enum": ["fleet", "replica"]}},
+                    },
+                },
+                **unauthorized,
+            },
+            **protected,
+        ),
+        "/config": get(
+            "config",
+            "The effective configuration, secrets redacted",
+            {"200": _ok("configuration", {"type": "object"}), **unauthorized},
+            **protected,
+        ),
+        "/openapi.json": get(
+            "openapi",
+            "This document",
+            {"200": _ok("OpenAPI 3.1", {"type": "object"}), **unauthorized},
+            **protected,
+        ),
+    }
+    components: dict[str, Any] = {
+        "schemas": {"Error": _error_schema()},
+        "headers": {
+            "RequestID": {"required": True, "schema": {"type": "string", "minLength": 1}},
+            "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}},
+            "WWW-Authenticate": {"required": True, "schema": {"type": "string", "pattern": "^Bearer"}},
+        },
+    }
+    if auth:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": settings.service_name,
+            "version": settings.service_version,
+            "description": "DSPy programs behind POST /v1/predict, with cache, breakers and cost accounting.",
+        },
+        "paths": paths,
+        "components": components,
+    }
+
+
+class OpenAPIEndpoint:
+    """Serves the document, rendered once."""
+
+    def __init__(self, services: Services) -> None:
+        document = build_openapi(services.settings, services.models_config, auth=services.keyring is not None)
+        self._body = orjson.dumps(document)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", JSON.encode()),
+                    (b"content-length", str(len(self._body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": self._body})
