@@ -79,6 +79,8 @@ class _Route:
 
 def _check_lm_option(name: str, value: Any) -> Any:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in ("max_tokens", "seed") and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 5.0 is an integer in JSON Schema's eyes, so in ours
     if name == "temperature" and number and 0 <= value <= 2:
         return float(value)
     if name == "top_p" and number and 0 <= value <= 1:
@@ -93,8 +95,8 @@ def _check_lm_option(name: str, value: Any) -> Any:
     if name == "seed" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if name == "stop" and (
-        isinstance(value, str)
-        or (isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value))
+        (isinstance(value, str) and value)  # DSPy refuses empty stop sequences
+        or (isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) and s for s in value))
     ):
         return value
     expected = {
@@ -102,7 +104,7 @@ def _check_lm_option(name: str, value: Any) -> Any:
         "top_p": "a number from 0 to 1",
         "max_tokens": "an integer from 1 to 32768",
         "seed": "an integer",
-        "stop": "a string or a list of up to 4 strings",
+        "stop": "a non-empty string or a list of up to 4 of them",
     }[name]
     raise InvalidRequest(f"parameters.{name} must be {expected}")
 

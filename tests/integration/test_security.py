@@ -322,6 +322,19 @@ def test_hostile_bodies_are_422(secured: ServiceProcess, raw: bytes, mention: st
     assert len(error["message"]) < 2000  # the input is never echoed back
 
 
+def test_what_the_fuzzer_found_stays_fixed(secured: ServiceProcess) -> None:
+    """Empty stop sequences were a 502 (DSPy refuses them): now a 422 naming `stop`. An integral float
+    for an integer option (JSON Schema calls 5.0 an integer) was refused: now accepted."""
+    for stop in ("", ["", "x"]):
+        body = {"model": "gpt-3.5-turbo", "input": unique(), "parameters": {"stop": stop}}
+        assert (
+            "stop"
+            in assert_error(secured.http.post("/v1/predict", json=body), 422, "invalid_request")["message"]
+        )
+    body = {"model": "gpt-3.5-turbo", "input": unique(), "parameters": {"max_tokens": 50.0, "seed": 7.0}}
+    assert secured.http.post("/v1/predict", json=body).status_code == 200
+
+
 def test_nul_and_odd_unicode_in_input_are_served(secured: ServiceProcess) -> None:
     """NUL, right-to-left marks and emoji are just text: no 5xx."""
     text = unique("a\u0000b\u202ec\U0001f600")

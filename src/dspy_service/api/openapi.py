@@ -8,12 +8,13 @@ error shapes and headers are described here. Authentication appears only when it
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from dspy_service.api.schemas import MAX_PARAMETERS, PredictRequest
+from dspy_service.api.schemas import MAX_PARAMETER_DEPTH, MAX_PARAMETERS, PredictRequest
 from dspy_service.errors import ServiceError
 from dspy_service.models_config import ModelsConfig
 from dspy_service.settings import Settings
@@ -29,7 +30,12 @@ LM_OPTION_SCHEMAS: dict[str, Any] = {
     "top_p": {"type": "number", "minimum": 0, "maximum": 1},
     "max_tokens": {"type": "integer", "minimum": 1, "maximum": 32_768},
     "seed": _INT64,
-    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+    "stop": {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        ]
+    },
 }
 
 
@@ -43,15 +49,45 @@ def _error_types() -> list[str]:
     return sorted(found)
 
 
-def _predict_request_schema(settings: Settings, config: ModelsConfig) -> dict[str, Any]:
+def _parameter_values() -> dict[str, Any]:
+    """`ParameterValue<d>`: a JSON value at nesting depth d as `parameters` accepts it (containers up to
+    MAX_PARAMETER_DEPTH deep, 64-bit integers, numbers in that range), unrolled level by level."""
+    scalars: list[dict[str, Any]] = [
+        {"type": "string"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "number", "minimum": _INT64["minimum"], "maximum": _INT64["maximum"]},
+    ]
+    values: dict[str, Any] = {f"ParameterValue{MAX_PARAMETER_DEPTH + 1}": {"anyOf": scalars}}
+    for depth in range(MAX_PARAMETER_DEPTH, 0, -1):
+        child = {"$ref": f"#/components/schemas/ParameterValue{depth + 1}"}
+        values[f"ParameterValue{depth}"] = {
+            "anyOf": [
+                *scalars,
+                {"type": "array", "items": child},
+                {"type": "object", "additionalProperties": child},
+            ]
+        }
+    return values
+
+
+def _predict_request_schema(
+    settings: Settings, config: ModelsConfig, input_fields: Mapping[str, Sequence[str]]
+) -> dict[str, Any]:
     schema = copy.deepcopy(PredictRequest.model_json_schema())
     properties = schema["properties"]
     properties["input"]["maxLength"] = settings.max_input_chars
     properties["model"]["examples"] = sorted(config.models)
+    properties["variant"]["examples"] = sorted(config.variants)
+    extra_fields = sorted({name for names in input_fields.values() for name in names})
     properties["parameters"] = {
         "type": "object",
-        "description": "LM options (below) and the variant's other input fields by name",
-        "properties": LM_OPTION_SCHEMAS,
+        "description": "LM options and the variant's input fields after the first (each variant's own)",
+        "properties": {
+            **LM_OPTION_SCHEMAS,
+            **{name: {"$ref": "#/components/schemas/ParameterValue1"} for name in extra_fields},
+        },
+        "additionalProperties": False,
         "maxProperties": MAX_PARAMETERS,
         "default": {},
     }
@@ -178,8 +214,15 @@ def _ok(description: str, schema: dict[str, Any], media_type: str = JSON) -> dic
     }
 
 
-def build_openapi(settings: Settings, config: ModelsConfig, *, auth: bool) -> dict[str, Any]:
-    """The OpenAPI document for this deployment's settings and models file."""
+def build_openapi(
+    settings: Settings,
+    config: ModelsConfig,
+    *,
+    auth: bool,
+    input_fields: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """The OpenAPI document for this deployment: its settings, its models file, and for each variant
+    the input fields after the first (those `parameters` may carry)."""
     protected: dict[str, Any] = {"security": [{"bearerAuth": []}]} if auth else {}
     unauthorized = {"401": _error("missing or unknown API key", "WWW-Authenticate")} if auth else {}
     metrics_protected = protected if not settings.metrics_public else {}
@@ -196,7 +239,7 @@ def build_openapi(settings: Settings, config: ModelsConfig, *, auth: bool) -> di
             **protected,
             "requestBody": {
                 "required": True,
-                "content": {JSON: {"schema": _predict_request_schema(settings, config)}},
+                "content": {JSON: {"schema": _predict_request_schema(settings, config, input_fields or {})}},
             },
             "responses": {
                 "200": _ok("the program's answer", _PREDICT_RESPONSE),
@@ -263,7 +306,7 @@ def build_openapi(settings: Settings, config: ModelsConfig, *, auth: bool) -> di
         ),
     }
     components: dict[str, Any] = {
-        "schemas": {"Error": _error_schema()},
+        "schemas": {"Error": _error_schema(), **_parameter_values()},
         "headers": {
             "RequestID": {"required": True, "schema": {"type": "string", "minLength": 1}},
             "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}},
@@ -288,7 +331,12 @@ class OpenAPIEndpoint:
     """Serves the document, rendered once."""
 
     def __init__(self, services: Services) -> None:
-        document = build_openapi(services.settings, services.models_config, auth=services.keyring is not None)
+        document = build_openapi(
+            services.settings,
+            services.models_config,
+            auth=services.keyring is not None,
+            input_fields={key: program.input_fields[1:] for key, program in services.programs.items()},
+        )
         self._body = orjson.dumps(document)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
