@@ -80,7 +80,8 @@ class _Route:
 def _check_lm_option(name: str, value: Any) -> Any:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if name in ("max_tokens", "seed") and isinstance(value, float) and value.is_integer():
-        value = int(value)  # 5.0 is an integer in JSON Schema's eyes, so in ours
+        # 5.0 is an integer in JSON Schema's eyes, so in ours (within 64 bits, as integers are)
+        value = int(value) if abs(value) < 2**63 else value
     if name == "temperature" and number and 0 <= value <= 2:
         return float(value)
     if name == "top_p" and number and 0 <= value <= 1:
