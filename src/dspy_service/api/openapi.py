@@ -134,6 +134,25 @@ _PREDICT_RESPONSE = {
     },
 }
 
+_BATCH_RESPONSE = {
+    "type": "object",
+    "required": ["request_id", "succeeded", "failed", "results"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "succeeded": {"type": "integer", "minimum": 0},
+        "failed": {"type": "integer", "minimum": 0},
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": {"type": "integer"}},
+                "description": "status 200 with a /v1/predict answer, or that item's status with `error`",
+            },
+        },
+    },
+}
+
 _HEALTH = {
     "type": "object",
     "required": ["status", "version", "uptime_secs", "redis_connected", "circuit_breakers", "provider"],
@@ -259,8 +278,56 @@ def build_openapi(
     def get(operation_id: str, summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {"get": {"operationId": operation_id, "summary": summary, **extra, "responses": responses}}
 
+    batch_rate_limited = (
+        {"429": _error("rate limit (RATE_LIMIT)", "Retry-After")}
+        if settings.rate_limit_rule is not None
+        else {}
+    )
+    batch = {
+        "post": {
+            "operationId": "predictBatch",
+            "summary": "Several predictions in one request; each item fails or succeeds on its own",
+            **protected,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON: {
+                        "schema": {
+                            "type": "object",
+                            "required": ["requests"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "requests": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": settings.batch_max_items,
+                                    "items": {"description": "a /v1/predict body, validated on its own"},
+                                }
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _ok("one result per item, in order, each with its own status", _BATCH_RESPONSE),
+                **unauthorized,
+                "408": _error("the request body did not arrive within BODY_READ_TIMEOUT_SECS"),
+                "413": _error("body over MAX_BODY_BYTES"),
+                "422": _error("not JSON, no `requests` list, or more than BATCH_MAX_ITEMS items"),
+                **batch_rate_limited,
+            },
+        }
+    }
+
     paths = {
         "/v1/predict": predict,
+        "/v1/predict/batch": batch,
+        "/v1/experiments": get(
+            "experiments",
+            "A/B report per variant, from this replica's counters",
+            {"200": _ok("report", {"type": "object"}), **unauthorized},
+            **protected,
+        ),
         "/health": get("health", "Liveness", {"200": _ok("serving", _HEALTH)}, security=[]),
         "/ready": get(
             "ready",
