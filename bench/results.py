@@ -284,6 +284,9 @@ def render_markdown(results: BenchResults) -> str:
         )
     lines += [
         "",
+        "Provider calls and Redis commands per request include the work for requests still in flight "
+        "when wrk stopped (at most one per connection), and the once-a-second cost flush.",
+        "",
         "| target | measured | target | met | same ratio from CPU/request |",
         "|---|---:|---:|---|---:|",
     ]
