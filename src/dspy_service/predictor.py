@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from dspy_service.breaker import CircuitBreaker
 from dspy_service.budgets import Budgets
 from dspy_service.cache import CachedAnswer, TwoLevelCache, cache_key
 from dspy_service.costs import CostLedger, PriceLookup, Usage, price_usage
 from dspy_service.errors import (
+    BudgetExceeded,
     CircuitOpen,
     InvalidRequest,
     NotFound,
@@ -31,7 +35,14 @@ from dspy_service.experiments import build_assigner
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics, RouteMetrics
 from dspy_service.models_config import ModelsConfig, ModelSpec
-from dspy_service.programs import LM_OPTIONS, LanguageModels, LoadedProgram, ProgramFailed, run_program
+from dspy_service.programs import (
+    LM_OPTIONS,
+    LanguageModels,
+    LoadedProgram,
+    ProgramFailed,
+    run_program,
+    stream_program,
+)
 
 _log = get_logger("dspy_service.predictor")
 
@@ -66,6 +77,29 @@ class Prediction:
     cost_usd: float | None
     cost_saved_usd: float | None
     latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """Text of one output field, as the provider sends it (a cache hit is one chunk of the whole)."""
+
+    field: str
+    text: str
+
+
+class _ChunkQueue:
+    """Where a streaming upstream call puts its chunks; remembers whether any went out, because
+    after the client has seen part of an answer, retrying or falling back would repeat it."""
+
+    __slots__ = ("emitted", "queue")
+
+    def __init__(self) -> None:
+        self.emitted = False
+        self.queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()  # None: the call is over
+
+    def __call__(self, field: str, text: str) -> None:
+        self.emitted = True
+        self.queue.put_nowait(StreamChunk(field, text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +212,16 @@ class Predictor:
             )
         return _Route(model, program, inputs, lm_options, request.tenant)
 
+    def _cache_key(self, request: PredictionInput, route: _Route) -> str:
+        return cache_key(
+            model=route.model.key,
+            model_id=route.model.name,
+            variant=route.program.variant,
+            program_fingerprint=route.program.fingerprint,
+            input_text=request.input,
+            parameters=request.parameters,
+        )
+
     async def predict(self, request: PredictionInput) -> Prediction:
         started = time.perf_counter()
         route = self._route(request)
@@ -185,14 +229,7 @@ class Predictor:
         metrics = self._metrics.route(model_key, variant)
         key = None
         if request.use_cache:
-            key = cache_key(
-                model=model_key,
-                model_id=route.model.name,
-                variant=variant,
-                program_fingerprint=route.program.fingerprint,
-                input_text=request.input,
-                parameters=request.parameters,
-            )
+            key = self._cache_key(request, route)
             hit = self._cache.get_memory(key)
             if hit is not None:  # answered without awaiting anything: never "in flight"
                 return self._served_from_cache(request, metrics, variant, hit, "memory", started)
@@ -206,11 +243,84 @@ class Predictor:
             if self._budgets is not None and not coalesced:
                 await self._budgets.check(model_key, request.tenant)
             answer, usage = await self._call_upstream(key, route)
-        except ServiceError:
-            metrics.error.inc()  # the error's type is counted where it becomes a response
+        except ServiceError as exc:
+            if not isinstance(exc, BudgetExceeded):  # a refusal we chose, not a failed prediction
+                metrics.error.inc()  # the error's type is counted where it becomes a response
             raise
         finally:
             self._metrics.active.dec()
+        return self._answered(request, metrics, variant, answer, usage, coalesced, started)
+
+    async def stream(self, request: PredictionInput) -> AsyncGenerator[StreamChunk | Prediction, None]:
+        """`predict`, streaming: the answer's text chunks as the provider sends them, then the
+        Prediction. A hit (or a miss that joins an identical `predict` already in flight) is one
+        chunk of the main output. A streaming miss is never shared with other requests: its client
+        may go away, and closing this generator then cancels the upstream call.
+
+        Errors before the first chunk (unknown model, budget, breaker, provider) raise from the
+        first `__anext__`; the caller can still answer them with a status code.
+        """
+        started = time.perf_counter()
+        route = self._route(request)
+        model_key, variant = route.model.key, route.program.variant
+        metrics = self._metrics.route(model_key, variant)
+        main_output = route.program.main_output
+        key = None
+        if request.use_cache:
+            key = self._cache_key(request, route)
+            hit = self._cache.get_memory(key)
+            if hit is not None:
+                result = self._served_from_cache(request, metrics, variant, hit, "memory", started)
+                yield StreamChunk(main_output, _chunk_text(result.output))
+                yield result
+                return
+        self._metrics.active.inc()
+        try:
+            if key is not None:
+                hit = await self._cache.get_redis(key)
+                if hit is not None:
+                    result = self._served_from_cache(request, metrics, variant, hit, "redis", started)
+                    yield StreamChunk(main_output, _chunk_text(result.output))
+                    yield result
+                    return
+            shared = self._upstream.get(key) if key is not None else None
+            if shared is not None:
+                answer, usage = await asyncio.shield(shared)
+                result = self._answered(request, metrics, variant, answer, usage, True, started)
+                yield StreamChunk(main_output, _chunk_text(result.output))
+                yield result
+                return
+            if self._budgets is not None:
+                await self._budgets.check(model_key, request.tenant)
+            sink = _ChunkQueue()
+            task = self._start_upstream(key, route, sink)
+            task.add_done_callback(lambda _: sink.queue.put_nowait(None))
+            try:
+                while (chunk := await sink.queue.get()) is not None:
+                    yield chunk
+                answer, usage = task.result()
+            finally:
+                if not task.done():  # the client went away mid-stream: stop spending on it
+                    task.cancel()
+                    _log.info("prediction.stream_abandoned", model=model_key, variant=variant)
+        except ServiceError as exc:
+            if not isinstance(exc, BudgetExceeded):
+                metrics.error.inc()
+            raise
+        finally:
+            self._metrics.active.dec()
+        yield self._answered(request, metrics, variant, answer, usage, False, started)
+
+    def _answered(
+        self,
+        request: PredictionInput,
+        metrics: RouteMetrics,
+        variant: str,
+        answer: CachedAnswer,
+        usage: Usage,
+        coalesced: bool,
+        started: float,
+    ) -> Prediction:
         latency = time.perf_counter() - started
         metrics.success.inc()
         metrics.duration_none.observe(latency)
@@ -281,37 +391,47 @@ class Predictor:
     async def _call_upstream(self, key: str | None, route: _Route) -> tuple[CachedAnswer, Usage]:
         task = self._upstream.get(key) if key is not None else None
         if task is None:
-            if self._upstream_count >= self._max_in_flight:
-                raise Overloaded(
-                    f"{self._upstream_count} predictions in flight; try again shortly", retry_after=1
-                )
-            task = asyncio.get_running_loop().create_task(self._produce(key, route))
-            self._upstream_count += 1
-            task.add_done_callback(self._upstream_done)
-            if key is not None:
-                self._upstream[key] = task
-                task.add_done_callback(lambda _: self._upstream.pop(key, None))
+            task = self._start_upstream(key, route, None)
         # shield: one waiter going away (client gone, its own deadline) never cancels the shared call.
         return await asyncio.shield(task)
+
+    def _start_upstream(
+        self, key: str | None, route: _Route, sink: _ChunkQueue | None
+    ) -> asyncio.Task[tuple[CachedAnswer, Usage]]:
+        """Start the upstream call as a task (stored under `key` when it succeeds); a non-streaming
+        one is registered so that identical requests arriving meanwhile share it."""
+        if self._upstream_count >= self._max_in_flight:
+            raise Overloaded(
+                f"{self._upstream_count} predictions in flight; try again shortly", retry_after=1
+            )
+        task = asyncio.get_running_loop().create_task(self._produce(key, route, sink))
+        self._upstream_count += 1
+        task.add_done_callback(self._upstream_done)
+        if key is not None and sink is None:
+            self._upstream[key] = task
+            task.add_done_callback(lambda _: self._upstream.pop(key, None))
+        return task
 
     def _upstream_done(self, task: asyncio.Task[Any]) -> None:
         self._upstream_count -= 1
         if not task.cancelled():
             task.exception()  # mark retrieved; waiters have re-raised it where it mattered
 
-    async def _produce(self, key: str | None, route: _Route) -> tuple[CachedAnswer, Usage]:
+    async def _produce(
+        self, key: str | None, route: _Route, sink: _ChunkQueue | None
+    ) -> tuple[CachedAnswer, Usage]:
         spent: dict[str, tuple[int, int]] = {}
         model_served = route.model.key
         deadline_at = time.monotonic() + self._deadline
         try:
             async with asyncio.timeout(self._deadline):
-                run, model_served = await self._run_with_fallbacks(route, spent, deadline_at)
+                run, model_served = await self._run_with_fallbacks(route, spent, deadline_at, sink)
         except TimeoutError:
             self._account(route, spent)
             raise ProviderTimeout(
                 f"no answer from the provider within the {self._deadline:g} s deadline"
             ) from None
-        except ServiceError:
+        except (ServiceError, asyncio.CancelledError):
             self._account(route, spent)
             raise
         usage = self._account(route, spent)
@@ -346,23 +466,34 @@ class Predictor:
         return usage
 
     async def _run_with_fallbacks(
-        self, route: _Route, spent: dict[str, tuple[int, int]], deadline_at: float
+        self,
+        route: _Route,
+        spent: dict[str, tuple[int, int]],
+        deadline_at: float,
+        sink: _ChunkQueue | None,
     ) -> tuple[Any, str]:
         chain = (route.model.key, *route.model.fallbacks)
         last_error: ServiceError | None = None
         for model_key in chain:
             spec = self._config.models[model_key]
             try:
-                return await self._run_with_retries(spec, route, spent, deadline_at), model_key
+                return await self._run_with_retries(spec, route, spent, deadline_at, sink), model_key
             except (CircuitOpen, ProviderError, ProviderTimeout) as exc:
                 last_error = exc
+                if sink is not None and sink.emitted:
+                    raise  # the client has part of this model's answer: another's would not continue it
                 if len(chain) > 1:
                     _log.warning("prediction.fallback", model=model_key, error=exc.type, detail=exc.message)
         assert last_error is not None
         raise last_error
 
     async def _run_with_retries(
-        self, spec: ModelSpec, route: _Route, spent: dict[str, tuple[int, int]], deadline_at: float
+        self,
+        spec: ModelSpec,
+        route: _Route,
+        spent: dict[str, tuple[int, int]],
+        deadline_at: float,
+        sink: _ChunkQueue | None,
     ) -> Any:
         breaker = self._breakers[spec.key]
         lm = self._lms.get(spec.key, route.lm_options)
@@ -374,7 +505,10 @@ class Predictor:
                     f"circuit breaker for model {spec.key!r} is open", retry_after=max(1.0, wait)
                 )
             try:
-                run = await run_program(route.program, lm, route.inputs)
+                if sink is None:
+                    run = await run_program(route.program, lm, route.inputs)
+                else:
+                    run = await stream_program(route.program, lm, route.inputs, sink)
             except ProgramFailed as failure:
                 for model_id, (tokens_in, tokens_out) in failure.usage_by_model.items():
                     before_in, before_out = spent.get(model_id, (0, 0))
@@ -384,7 +518,11 @@ class Predictor:
                     raise self._client_facing(spec, failure) from None
                 breaker.record_failure()
                 delay = self._backoff(attempt + 1, failure.retry_after)
-                if attempt >= spec.max_retries or time.monotonic() + delay >= deadline_at:
+                if (
+                    attempt >= spec.max_retries
+                    or time.monotonic() + delay >= deadline_at
+                    or (sink is not None and sink.emitted)  # a retry would repeat what the client has
+                ):
                     # Out of retries, or the wait would outlive the request: answer now, not at the deadline.
                     raise self._client_facing(spec, failure) from None
                 attempt += 1
@@ -418,3 +556,8 @@ class Predictor:
             return ProviderError(f"model {spec.key!r} answered in a shape the program could not parse")
         status = f" (HTTP {failure.status})" if failure.status else ""
         return ProviderError(f"model {spec.key!r} failed{status}: {failure.kind}")
+
+
+def _chunk_text(output: Any) -> str:
+    """A whole answer as one stream chunk: text as it is, anything else as JSON."""
+    return output if isinstance(output, str) else orjson.dumps(output).decode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,6 +68,7 @@ class LoadedProgram:
     output_fields: tuple[str, ...]
     main_output: str
     fingerprint: str
+    stream_fields: tuple[str, ...] = ()  # text output fields whose tokens can be streamed
 
 
 def _fingerprint(spec: VariantSpec, module: Any) -> str:
@@ -105,6 +107,9 @@ def load_program(spec: VariantSpec, source: str) -> LoadedProgram:
         output_fields=tuple(full_signature.output_fields),
         main_output=next(iter(declared.output_fields)),
         fingerprint=_fingerprint(spec, module),
+        stream_fields=tuple(
+            name for name, field in full_signature.output_fields.items() if field.annotation is str
+        ),
     )
 
 
@@ -258,6 +263,44 @@ async def run_program(program: LoadedProgram, lm: Any, inputs: dict[str, Any]) -
             ) from exc
         except (ValueError, TypeError, KeyError) as exc:
             raise ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", _usage_totals(tracker)) from exc
+    outputs = {name: _to_jsonable(prediction.get(name)) for name in program.output_fields}
+    return ProgramRun(outputs=outputs, usage_by_model=_usage_totals(tracker))
+
+
+ChunkSink = Callable[[str, str], None]  # (output field, text) as tokens arrive
+
+
+async def stream_program(
+    program: LoadedProgram, lm: Any, inputs: dict[str, Any], on_chunk: ChunkSink
+) -> ProgramRun:
+    """`run_program`, streaming: the text output fields' tokens go to `on_chunk` as the provider
+    sends them (DSPy's `streamify` with one listener per field); the whole run is returned at the end.
+
+    Cancelling the caller cancels DSPy's streaming task, which closes the upstream HTTP stream.
+    """
+    listeners = [dspy.streaming.StreamListener(signature_field_name=name) for name in program.stream_fields]
+    streamer = dspy.streamify(program.module, stream_listeners=listeners, is_async_program=True)
+    prediction = None
+    with dspy.context(lm=lm, track_usage=True), dspy.track_usage() as tracker:
+        try:
+            async for value in streamer(**inputs):
+                if isinstance(value, dspy.streaming.StreamResponse):
+                    if value.chunk:
+                        on_chunk(value.signature_field_name, value.chunk)
+                elif isinstance(value, dspy.Prediction):
+                    prediction = value
+        except (LMError, AdapterParseError) as exc:
+            status = getattr(exc, "status", None)
+            retry_after = getattr(exc, "retry_after", None)
+            raise ProgramFailed(
+                _classify(exc), str(exc), _usage_totals(tracker), status=status, retry_after=retry_after
+            ) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", _usage_totals(tracker)) from exc
+    if prediction is None:
+        raise ProgramFailed(
+            "unexpected", "the program's stream ended without a prediction", _usage_totals(tracker)
+        )
     outputs = {name: _to_jsonable(prediction.get(name)) for name in program.output_fields}
     return ProgramRun(outputs=outputs, usage_by_model=_usage_totals(tracker))
 

@@ -49,6 +49,8 @@ class Knobs:
     retry_after: float | None = None
     hang: bool = False
     fail_next: int = 0
+    stream_chunk_ms: float = 1.0  # pause between streamed chunks
+    stream_break_after: int | None = None  # cut streams off (connection dropped) after this many chunks
 
     def update(self, changes: dict[str, Any]) -> None:
         for name, value in changes.items():
@@ -64,6 +66,9 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_abandoned: int = 0  # ended early: the client closed it (or stream_break_after cut it)
 
 
 def count_tokens(text: str) -> int:
@@ -115,7 +120,10 @@ def _value_for(name: str, kind: str, seed: str) -> Any:
         return [f"item-{digest % 7}", f"item-{digest % 11}"]
     if "capital of France" in seed and name == "answer":
         return "The capital of France is Paris."
-    return f"Simulated {name} #{digest % 100_000} for: {seed.strip()[-60:]}"
+    # The echo leaves out the adapter's field markers: a streaming parser would take one for the
+    # start of the next field.
+    echo = _MARKER_RE.sub("", seed).strip()[-60:]
+    return f"Simulated {name} #{digest % 100_000} for: {echo}"
 
 
 def _compose_answer(messages: list[dict[str, Any]], as_json: bool) -> str:
@@ -223,10 +231,22 @@ class Simulator:
                 payload.update(extra)
             return b"data: " + orjson.dumps(payload) + b"\n\n"
 
-        yield chunk({"role": "assistant", "content": ""}, None)
-        for piece in re.findall(r"\S+\s*", content):
-            yield chunk({"content": piece}, None)
-            await asyncio.sleep(0.001)
+        stats = self.stats
+        stats.streams_started += 1
+        finished = False
+        try:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            for sent, piece in enumerate(re.findall(r"\S+\s*", content)):
+                if self.knobs.stream_break_after is not None and sent >= self.knobs.stream_break_after:
+                    raise ConnectionAbortedError("simulated stream cut off")  # uvicorn drops the connection
+                yield chunk({"content": piece}, None)
+                await asyncio.sleep(self.knobs.stream_chunk_ms / 1000)
+            finished = True
+        finally:
+            if finished:
+                stats.streams_completed += 1
+            else:
+                stats.streams_abandoned += 1
         yield chunk({}, "stop")
         if usage is not None:
             tail = {

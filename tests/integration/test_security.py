@@ -513,6 +513,9 @@ def test_a_spent_model_budget_refuses_misses_but_serves_hits(
     ratio = re.search(r'dspy_budget_spent_ratio\{name="budgeted",scope="model"\} ([0-9.e+-]+)', metrics)
     assert ratio is not None
     assert float(ratio[1]) >= 1
+    # A refusal by budget is not a failed prediction: it must not page anyone as an error rate.
+    assert 'dspy_errors_total{type="budget_exceeded"}' in metrics
+    assert 'dspy_predictions_total{model="budgeted",status="error",variant="baseline"} 0.0' in metrics
 
 
 def test_a_spent_tenant_budget_refuses_only_that_tenant(secured: ServiceProcess) -> None:

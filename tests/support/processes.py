@@ -153,6 +153,8 @@ class Simulator:
             retry_after=None,
             hang=False,
             fail_next=0,
+            stream_chunk_ms=1,
+            stream_break_after=None,
         )
         self.http.post("/_sim/reset").raise_for_status()
 

@@ -275,6 +275,28 @@ def build_openapi(
         }
     }
 
+    # Same body and errors; the answer is server-sent events (`chunk`..., then `result` or `error`).
+    events = {
+        "description": "each event: `chunk` (data: {field, text}), then one `result` (data: the "
+        "/v1/predict body) or one `error` (data: the error body)",
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {"event": {"enum": ["chunk", "result", "error"]}, "data": {"type": "string"}},
+    }
+    predict_stream = {
+        "post": {
+            **predict["post"],
+            "operationId": "predictStream",
+            "summary": "Run a DSPy program on one input, streaming its output as server-sent events",
+            "responses": {
+                **predict["post"]["responses"],
+                "200": _ok(
+                    "the answer's tokens as they arrive, then the result", events, "text/event-stream"
+                ),
+            },
+        }
+    }
+
     def get(operation_id: str, summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {"get": {"operationId": operation_id, "summary": summary, **extra, "responses": responses}}
 
@@ -322,6 +344,7 @@ def build_openapi(
     paths = {
         "/v1/predict": predict,
         "/v1/predict/batch": batch,
+        "/v1/predict/stream": predict_stream,
         "/v1/experiments": get(
             "experiments",
             "A/B report per variant, from this replica's counters",

@@ -46,6 +46,52 @@ def prediction_body(request_id: str, result: Prediction) -> dict[str, Any]:
     }
 
 
+async def read_prediction_input(
+    scope: Scope, receive: Receive, validation_context: dict[str, Any]
+) -> PredictionInput | None:
+    """Read and validate a `/v1/predict` body (None if the client left before sending it all); a
+    `request_id` in the body becomes the request's ID from here on."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    try:
+        parsed = PredictRequest.model_validate_json(b"".join(chunks), context=validation_context)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+    state = scope["state"]
+    if parsed.request_id is not None:
+        state["request_id"] = parsed.request_id
+        structlog.contextvars.bind_contextvars(request_id=parsed.request_id)
+    log_fields = state["log"]
+    log_fields["model"] = parsed.model
+    log_fields["variant"] = parsed.variant
+    return PredictionInput(
+        parsed.model,
+        parsed.variant,
+        parsed.input,
+        parsed.parameters,
+        parsed.use_cache,
+        parsed.user_id,
+        tenant=state.get("tenant"),
+    )
+
+
+def log_result(log_fields: dict[str, Any], result: Prediction) -> None:
+    """What the request's access-log line says about its prediction."""
+    log_fields["variant"] = result.variant
+    log_fields["model_served"] = result.model_served
+    log_fields["cache_level"] = result.cache_level
+    log_fields["coalesced"] = result.coalesced
+    log_fields["input_tokens"] = result.input_tokens
+    log_fields["output_tokens"] = result.output_tokens
+    log_fields["cost_usd"] = result.cost_usd
+
+
 class PredictEndpoint:
     """`POST /v1/predict` as a plain ASGI app.
 
@@ -60,48 +106,17 @@ class PredictEndpoint:
         self._validation_context = {"max_input_chars": services.settings.max_input_chars}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        try:
-            parsed = PredictRequest.model_validate_json(b"".join(chunks), context=self._validation_context)
-        except ValidationError as exc:
-            raise InvalidRequest(describe_validation_error(exc)) from None
+        request = await read_prediction_input(scope, receive, self._validation_context)
+        if request is None:
+            return  # the client went away before sending its body
         state = scope["state"]
-        if parsed.request_id is not None:
-            state["request_id"] = parsed.request_id
-            structlog.contextvars.bind_contextvars(request_id=parsed.request_id)
-        log_fields = state["log"]
-        log_fields["model"] = parsed.model
-        log_fields["variant"] = parsed.variant
         lifecycle = self._lifecycle
         lifecycle.in_flight += 1
         try:
-            result = await self._predictor.predict(
-                PredictionInput(
-                    parsed.model,
-                    parsed.variant,
-                    parsed.input,
-                    parsed.parameters,
-                    parsed.use_cache,
-                    parsed.user_id,
-                    tenant=state.get("tenant"),
-                )
-            )
+            result = await self._predictor.predict(request)
         finally:
             lifecycle.in_flight -= 1
-        log_fields["variant"] = result.variant
-        log_fields["model_served"] = result.model_served
-        log_fields["cache_level"] = result.cache_level
-        log_fields["coalesced"] = result.coalesced
-        log_fields["input_tokens"] = result.input_tokens
-        log_fields["output_tokens"] = result.output_tokens
-        log_fields["cost_usd"] = result.cost_usd
+        log_result(state["log"], result)
         body = orjson.dumps(prediction_body(state["request_id"], result))
         await send(
             {
