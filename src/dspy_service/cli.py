@@ -22,7 +22,9 @@ from dspy_service.errors import ConfigError
 from dspy_service.logs import configure_logging, get_logger
 
 if TYPE_CHECKING:
+    from dspy_service.models_config import ModelsConfig
     from dspy_service.services import Lifecycle
+    from dspy_service.settings import Settings
 
 _log = get_logger("dspy_service.cli")
 
@@ -79,7 +81,8 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-async def _serve() -> int:
+def _load_configuration() -> tuple[Settings, ModelsConfig] | int:
+    """Settings and the models file, or exit code 2 with the problem on stderr."""
     from dspy_service.models_config import load_models_config
     from dspy_service.settings import Settings
 
@@ -99,13 +102,63 @@ async def _serve() -> int:
     except ConfigError as exc:
         print(f"dspy-service: configuration error: {exc}", file=sys.stderr)
         return 2
+    return settings, models_config
 
+
+def _warn_simulated(base_url: str) -> None:
+    _log.warning(
+        "provider.simulated",
+        detail="OPENAI_API_KEY is not set: predictions are answered by the built-in simulator, "
+        "not a real model. Set OPENAI_API_KEY (and optionally OPENAI_BASE_URL) for real answers.",
+        simulator=base_url,
+    )
+
+
+def _serve_command() -> int:
+    loaded = _load_configuration()
+    if isinstance(loaded, int):
+        return loaded
+    settings, models_config = loaded
+    if settings.workers == 1:
+        # uvicorn.run() would pick uvloop itself; serving a Server object ourselves, we must.
+        return uvloop.run(_serve(settings, models_config))
+    from dspy_service.workers import Supervisor
+
+    simulator_port = None
+    if settings.uses_simulator:
+        simulator_port = settings.simulator_port or _free_port("127.0.0.1")
+        _warn_simulated(f"http://127.0.0.1:{simulator_port}/v1")
+    try:
+        supervisor = Supervisor(
+            workers=settings.workers, host=settings.host, port=settings.port, simulator_port=simulator_port
+        )
+    except OSError as exc:
+        print(f"dspy-service: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
+    return supervisor.run()
+
+
+def run_worker(sock: socket.socket, simulator_url: str | None) -> int:
+    """One worker process of a WORKERS>1 service (workers.py)."""
+    loaded = _load_configuration()
+    if isinstance(loaded, int):
+        return loaded
+    settings, models_config = loaded
+    return uvloop.run(_serve(settings, models_config, sock, simulator_url))
+
+
+async def _serve(
+    settings: Settings,
+    models_config: ModelsConfig,
+    sock: socket.socket | None = None,
+    simulator_url: str | None = None,
+) -> int:
     from dspy_service.app import create_app
     from dspy_service.services import build_services
 
     simulator_server = None
-    base_url = None
-    if settings.uses_simulator:
+    base_url = simulator_url
+    if settings.uses_simulator and base_url is None:
         from dspy_service.simulator import create_simulator_app
 
         port = settings.simulator_port or _free_port("127.0.0.1")
@@ -120,12 +173,7 @@ async def _serve() -> int:
                 lifespan="off",
             )
         )
-        _log.warning(
-            "provider.simulated",
-            detail="OPENAI_API_KEY is not set: predictions are answered by the built-in simulator, "
-            "not a real model. Set OPENAI_API_KEY (and optionally OPENAI_BASE_URL) for real answers.",
-            simulator=base_url,
-        )
+        _warn_simulated(base_url)
     try:
         services = build_services(settings, models_config=models_config, base_url=base_url)
     except ConfigError as exc:
@@ -146,7 +194,7 @@ async def _serve() -> int:
     if simulator_server is not None:
         simulator_task = asyncio.create_task(simulator_server.serve())
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         if simulator_server is not None and simulator_task is not None:
             simulator_server.should_exit = True
@@ -188,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("predict", "costs"):
         return client_cli.run(args)
     if args.command == "serve":
-        # uvicorn.run() would pick uvloop itself; serving a Server object ourselves, we must.
-        return uvloop.run(_serve())
+        return _serve_command()
     return _simulate(args)
 
 

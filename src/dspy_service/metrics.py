@@ -6,9 +6,17 @@ request costs a dictionary lookup and a few `inc()` calls, not a label resolutio
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -38,6 +46,11 @@ class Metrics:
         # `*_created` series double the scrape and no dashboard or alert reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         self.registry = registry
+        self.scrape_registry = registry  # what /metrics exposes
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # WORKERS>1 (workers.py): every worker's samples, read from the shared directory.
+            self.scrape_registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.scrape_registry)  # type: ignore[no-untyped-call]
         self.predictions = Counter(
             "dspy_predictions_total",
             "Predictions served, by model, variant and status.",
@@ -62,6 +75,7 @@ class Metrics:
             "Circuit breaker state per model: 0 closed, 1 open, 2 half-open.",
             ["model"],
             registry=registry,
+            multiprocess_mode="liveall",  # with WORKERS>1 each worker's own breakers, by pid
         )
         self.cost = Counter(
             "dspy_prediction_cost",
@@ -92,7 +106,7 @@ class Metrics:
             "dspy_redis_connected",
             "1 while Redis answers, 0 while it does not.",
             registry=registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.unpriced = Counter(
             "dspy_unpriced_predictions",
@@ -105,7 +119,7 @@ class Metrics:
             "Share of today's (UTC) budget spent fleet-wide, by scope (model, tenant) and name.",
             ["scope", "name"],
             registry=registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.cache_hit_memory = self.cache_operations.labels("memory", "hit")
         self.cache_miss_memory = self.cache_operations.labels("memory", "miss")

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     service_version: str = "0.1.0"
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Service processes sharing the port (workers.py). One per pod is the Kubernetes default: scale
+    # out with replicas; more help a single machine with spare cores.
+    workers: int = Field(default=1, ge=1, le=64)
     log_level: LogLevel = "info"
     log_format: Literal["json", "text"] = "json"
 

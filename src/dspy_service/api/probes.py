@@ -50,4 +50,6 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(services_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        generate_latest(services_of(request).metrics.scrape_registry), media_type=CONTENT_TYPE_LATEST
+    )
