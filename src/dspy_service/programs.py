@@ -169,6 +169,11 @@ class LanguageModels:
             self._copies.move_to_end(marker)
         return found
 
+    async def aclose(self) -> None:
+        """Close the provider connections opened on this event loop (copies share their model's)."""
+        for lm in self._base.values():
+            await lm.aclose()
+
 
 @dataclass(frozen=True, slots=True)
 class ProgramRun:

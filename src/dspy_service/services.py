@@ -43,6 +43,7 @@ class Services:
     breakers: dict[str, CircuitBreaker]
     ledger: CostLedger
     predictor: Predictor
+    lms: LanguageModels
     redis_link: RedisLink | None
     provider_description: str
     lifecycle: Lifecycle
@@ -73,6 +74,7 @@ class Services:
             await self.budgets.close()
         if self.redis_link is not None:
             await self.redis_link.close()
+        await self.lms.aclose()
         _log.info("service.stopped")
 
 
@@ -193,6 +195,7 @@ def build_services(
         breakers=breakers,
         ledger=ledger,
         predictor=predictor,
+        lms=lms,
         redis_link=link,
         provider_description=provider_description,
         lifecycle=Lifecycle(),
