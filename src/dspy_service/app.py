@@ -58,7 +58,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(services: Services) -> Starlette:
-    from dspy_service.api.middleware import RequestContextMiddleware
+    from dspy_service.api.middleware import RequestContextMiddleware, TracingMiddleware
 
     settings = services.settings
 
@@ -82,6 +82,8 @@ def create_app(services: Services) -> Starlette:
             BodyReadTimeoutMiddleware, timeout_secs=settings.body_read_timeout_secs, metrics=services.metrics
         ),
     ]
+    if services.tracing is not None:  # off: not in the chain at all
+        middleware.insert(1, Middleware(TracingMiddleware, tracing=services.tracing))
     if settings.cors_origins:
         middleware.append(
             Middleware(

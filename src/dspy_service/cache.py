@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from cachetools import TTLCache
 
 from dspy_service.metrics import Metrics
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
+
+if TYPE_CHECKING:
+    from dspy_service.tracing import Tracing
 
 CacheLevel = Literal["memory", "redis"]
 
@@ -149,14 +152,26 @@ class RedisCache:
 
 
 class TwoLevelCache:
-    def __init__(self, memory: MemoryCache, redis: RedisCache | None, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        memory: MemoryCache,
+        redis: RedisCache | None,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.memory = memory
         self.redis = redis
         self._metrics = metrics
+        self._tracing = tracing  # None: tracing is off (one check per lookup)
 
     def get_memory(self, key: str) -> CachedAnswer | None:
         """The synchronous first level: the hot path checks it without awaiting anything."""
-        found = self.memory.get(key)
+        if self._tracing is None:
+            found = self.memory.get(key)
+        else:
+            with self._tracing.span("cache.memory") as span:
+                found = self.memory.get(key)
+                span.set_attribute("cache.hit", found is not None)
         if found is None:
             self._metrics.cache_miss_memory.inc()
         else:
@@ -166,7 +181,12 @@ class TwoLevelCache:
     async def get_redis(self, key: str) -> CachedAnswer | None:
         if self.redis is None or not self.redis.available:
             return None
-        found = await self.redis.get(key)
+        if self._tracing is None:
+            found = await self.redis.get(key)
+        else:
+            with self._tracing.span("cache.redis") as span:
+                found = await self.redis.get(key)
+                span.set_attribute("cache.hit", found is not None)
         if found is None:
             self._metrics.cache_miss_redis.inc()
             return None

@@ -153,6 +153,10 @@ async def _serve(
     sock: socket.socket | None = None,
     simulator_url: str | None = None,
 ) -> int:
+    if settings.otel_traces_endpoint is None:
+        from dspy_service.tracing import keep_opentelemetry_unloaded
+
+        keep_opentelemetry_unloaded()  # tracing off: redis-py must not load it (~85 ms of start-up)
     from dspy_service.app import create_app
     from dspy_service.services import build_services
 

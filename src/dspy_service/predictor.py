@@ -43,6 +43,7 @@ from dspy_service.programs import (
     run_program,
     stream_program,
 )
+from dspy_service.tracing import Tracing
 
 _log = get_logger("dspy_service.predictor")
 
@@ -159,8 +160,10 @@ class Predictor:
         request_timeout_secs: float,
         max_in_flight: int,
         budgets: Budgets | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._budgets = budgets  # daily spend budgets: checked before a miss goes upstream
+        self._tracing = tracing  # None: tracing is off
         self._config = config
         self._programs = programs
         self._lms = lms
@@ -506,9 +509,12 @@ class Predictor:
                 )
             try:
                 if sink is None:
-                    run = await run_program(route.program, lm, route.inputs)
+                    call = run_program(route.program, lm, route.inputs)
                 else:
-                    run = await stream_program(route.program, lm, route.inputs, sink)
+                    call = stream_program(route.program, lm, route.inputs, sink)
+                if self._tracing is not None:  # one `lm.call` span per attempt (tracing.py)
+                    call = self._tracing.lm_call(call, spec.key, spec.name, attempt + 1)
+                run = await call
             except ProgramFailed as failure:
                 for model_id, (tokens_in, tokens_out) in failure.usage_by_model.items():
                     before_in, before_out = spent.get(model_id, (0, 0))

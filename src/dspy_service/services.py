@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -21,6 +22,10 @@ from dspy_service.programs import LanguageModels, LoadedProgram, bundled_price, 
 from dspy_service.ratelimit import RateLimiter
 from dspy_service.redis_link import RedisLink
 from dspy_service.settings import Settings
+from dspy_service.tracing import Tracing, build_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 _log = get_logger("dspy_service.services")
 
@@ -50,6 +55,7 @@ class Services:
     keyring: Keyring | None = None  # None: authentication is off
     rate_limiter: RateLimiter | None = None
     budgets: Budgets | None = None
+    tracing: Tracing | None = None  # None: tracing is off
 
     async def start(self) -> None:
         if self.redis_link is not None:
@@ -75,6 +81,8 @@ class Services:
         if self.redis_link is not None:
             await self.redis_link.close()
         await self.lms.aclose()
+        if self.tracing is not None:
+            await self.tracing.close()  # last: spans of the requests that just finished go out too
         _log.info("service.stopped")
 
 
@@ -117,9 +125,15 @@ def build_services(
     models_config: ModelsConfig | None = None,
     registry: CollectorRegistry | None = None,
     base_url: str | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Services:
-    """Everything the app needs, built once; raises ConfigError for a broken models file."""
+    """Everything the app needs, built once; raises ConfigError for a broken models file.
+
+    `tracer_provider` turns tracing on with that provider (tests: an in-memory exporter) whatever the
+    OTEL_* settings say; without one, an OTLP endpoint in the settings turns it on.
+    """
     configure_dspy()
+    tracing = build_tracing(settings, tracer_provider)
     metrics = Metrics(registry or CollectorRegistry())
     if models_config is None:
         models_config = load_models_config(settings.models_config)
@@ -148,6 +162,7 @@ def build_services(
         MemoryCache(settings.memory_cache_size, settings.memory_cache_ttl_secs),
         RedisCache(link, settings.redis_cache_ttl_secs) if link is not None else None,
         metrics,
+        tracing,
     )
 
     def breaker_changed(name: str, old: BreakerState, new: BreakerState) -> None:
@@ -185,6 +200,7 @@ def build_services(
         request_timeout_secs=settings.request_timeout_secs,
         max_in_flight=settings.max_in_flight,
         budgets=budgets,
+        tracing=tracing,
     )
     return Services(
         settings=settings,
@@ -202,4 +218,5 @@ def build_services(
         keyring=keyring,
         rate_limiter=rate_limiter,
         budgets=budgets,
+        tracing=tracing,
     )

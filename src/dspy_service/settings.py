@@ -69,6 +69,12 @@ class Settings(BaseSettings):
 
     simulator_port: int = Field(default=8099, ge=0, le=65535)
 
+    # OpenTelemetry tracing: the standard variables; an OTLP endpoint turns it on (tracing.py).
+    otel_exporter_otlp_endpoint: str | None = None  # base URL: /v1/traces is appended
+    otel_exporter_otlp_traces_endpoint: str | None = None  # full URL of the traces endpoint
+    otel_service_name: str | None = None  # default "dspy-service"
+    otel_sdk_disabled: bool = False
+
     @field_validator("openai_api_key", "api_keys", "api_keys_file", mode="before")
     @classmethod
     def _blank_key_is_none(cls, value: object) -> object:
@@ -80,7 +86,9 @@ class Settings(BaseSettings):
         parse_rate_limit(value)
         return value
 
-    @field_validator("openai_base_url", mode="before")
+    @field_validator(
+        "openai_base_url", "otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint", mode="before"
+    )
     @classmethod
     def _blank_url_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -106,6 +114,17 @@ class Settings(BaseSettings):
         """No key and no base URL: the embedded simulator plays the provider."""
         return self.openai_api_key is None and self.openai_base_url is None
 
+    @property
+    def otel_traces_endpoint(self) -> str | None:
+        """Where spans go (OTLP over HTTP), resolved as the SDK does; None while tracing is off."""
+        if self.otel_sdk_disabled:
+            return None
+        if self.otel_exporter_otlp_traces_endpoint is not None:
+            return self.otel_exporter_otlp_traces_endpoint
+        if self.otel_exporter_otlp_endpoint is not None:
+            return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+        return None
+
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis_url.get_secret_value())
 
@@ -119,6 +138,9 @@ class Settings(BaseSettings):
         view["models_config"] = str(self.models_config)
         view["api_keys"] = "***" if self.api_keys is not None else None
         view["api_keys_file"] = str(self.api_keys_file) if self.api_keys_file is not None else None
+        for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
+            if (url := getattr(self, name)) is not None:
+                view[name] = redact_url(url)
         return view
 
 

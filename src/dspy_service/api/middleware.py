@@ -1,4 +1,5 @@
-"""Request context as plain ASGI middleware: request ID, body-size limit, one access-log line.
+"""Request context as plain ASGI middleware: request ID, body-size limit, one access-log line; and,
+while tracing is on, the request's span.
 
 The request ID comes from a valid `X-Request-ID` header, else a new UUID; a handler may replace it
 (from the body's `request_id`) through `scope["state"]["request_id"]` before it responds. It is
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -18,6 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dspy_service.logs import AccessLog
 from dspy_service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from dspy_service.tracing import Tracing
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes would drown the log
@@ -125,3 +129,48 @@ class RequestContextMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class TracingMiddleware:
+    """The server span of each HTTP request; installed only while tracing is on, just inside
+    RequestContextMiddleware (whose request ID and log fields it reads).
+
+    A valid incoming `traceparent` is the span's parent. Its trace and span IDs are bound to every
+    log line of the request (`trace_id`, `span_id`), the access-log line included; at the end the
+    span takes the request's outcome from that line's fields (model, variant, cache level, tokens,
+    cost) and its status code.
+    """
+
+    def __init__(self, app: ASGIApp, *, tracing: Tracing) -> None:
+        self.app = app
+        self.tracing = tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = self.tracing.start_request(scope)
+        log_fields: dict[str, Any] = scope["state"]["log"]
+        if request.trace_id:
+            structlog.contextvars.bind_contextvars(trace_id=request.trace_id, span_id=request.span_id)
+            log_fields["trace_id"] = request.trace_id
+            log_fields["span_id"] = request.span_id
+        status = 500
+        error: BaseException | None = None
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        except BodyTooLarge:
+            status = 413  # answered by RequestContextMiddleware
+            raise
+        except BaseException as exc:
+            error = exc  # answered 500 by Starlette's outermost middleware
+            raise
+        finally:
+            self.tracing.end_request(request, scope, status=status, log_fields=log_fields, error=error)
