@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +170,19 @@ class Simulator:
 
 
 class ServiceProcess:
-    """`dspy-service serve` in its own process, configured only by the environment given."""
+    """`dspy-service serve` in its own process, configured only by the environment given.
 
-    def __init__(self, env: Mapping[str, str], workdir: Path, name: str = "service") -> None:
+    `command` replaces the default `python -m dspy_service.cli serve` (e.g. to observe the process).
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        workdir: Path,
+        name: str = "service",
+        command: Sequence[str] | None = None,
+    ) -> None:
+        self.command = list(command or [sys.executable, "-m", "dspy_service.cli", "serve"])
         self.port = free_port()
         self.workdir = workdir
         self.log_path = workdir / f"{name}-{self.port}.log"
@@ -187,7 +197,7 @@ class ServiceProcess:
     def start(self, *, wait: bool = True) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dspy_service.cli", "serve"],
+                self.command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -239,7 +249,17 @@ class ServiceProcess:
 
 def _clean_environment() -> dict[str, str]:
     """The test runner's environment without anything that configures the service."""
-    skip_prefixes = ("OPENAI_", "REDIS_", "MODELS_", "CIRCUIT_", "MEMORY_", "LOG_", "SERVICE_", "API_KEYS")
+    skip_prefixes = (
+        "OPENAI_",
+        "REDIS_",
+        "MODELS_",
+        "CIRCUIT_",
+        "MEMORY_",
+        "LOG_",
+        "SERVICE_",
+        "API_KEYS",
+        "OTEL_",
+    )
     return {
         k: v for k, v in os.environ.items() if not k.startswith(skip_prefixes) and k not in ("PORT", "HOST")
     }
