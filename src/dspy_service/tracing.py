@@ -49,6 +49,7 @@ _REQUEST_ATTRIBUTES = {
     "tenant": "dspy.tenant",
     "batch_items": "dspy.batch_items",
     "batch_failed": "dspy.batch_failed",
+    "error": "dspy.error",  # a stream that failed after its first event (the status is already 200)
 }
 
 # redis-py imports OpenTelemetry's metrics API and SDK whenever they are installed, for an optional
