@@ -7,8 +7,10 @@ Run as `python -m bench.dspy_probe --api-base URL --calls N --body-out FILE`; pr
    posts.
 2. CPU: a loop of `await program.acall(question=...)` against the simulator at URL (it should answer
    at once), with DSPy configured as the service configures it (no DSPy cache, no history). Process
-   CPU time (time.process_time, all threads) is read around each call. The loop runs twice: plain, and
-   with usage tracking as the service runs it (`dspy.context(track_usage=True)` + `dspy.track_usage()`).
+   CPU time (time.process_time, all threads) is read around each call. The loop runs three times: plain,
+   with usage tracking (`dspy.context(track_usage=True)` + `dspy.track_usage()`), and through the
+   service's own `programs.run_program` with the LM the service builds (`programs._build_lm`): DSPy's
+   cost as the service pays it, without HTTP serving, cache, metrics or logs.
 """
 
 from __future__ import annotations
@@ -100,13 +102,18 @@ def _summary(samples: list[float], wall: float) -> dict[str, float]:
 
 
 async def measure_cpu(api_base: str, calls: int, warmup: int) -> dict[str, Any]:
-    """CPU time per `acall`, plain and with usage tracking."""
+    """CPU time per `acall`: plain, with usage tracking, and as the service's run_program makes it."""
     import dspy
+
+    from dspy_service import programs
+    from dspy_service.models_config import ModelSpec, VariantSpec
 
     lm = _make_lm(api_base)
     program = dspy.Predict(SIGNATURE)
+    service_lm = programs._build_lm(ModelSpec(key="probe", name=MODEL), api_key="bench", api_base=api_base)
+    loaded = programs.load_program(VariantSpec(key="probe", signature=SIGNATURE), "probe")
     results: dict[str, Any] = {}
-    for mode in ("plain", "track_usage"):
+    for mode in ("plain", "track_usage", "run_program"):
         samples: list[float] = []
         wall_start = time.perf_counter()
         with dspy.context(lm=lm):
@@ -116,6 +123,8 @@ async def measure_cpu(api_base: str, calls: int, warmup: int) -> dict[str, Any]:
                     wall_start = time.perf_counter()
                 if mode == "plain":
                     await program.acall(question=QUESTION)
+                elif mode == "run_program":
+                    await programs.run_program(loaded, service_lm, {"question": QUESTION})
                 else:
                     with dspy.context(track_usage=True), dspy.track_usage():
                         await program.acall(question=QUESTION)

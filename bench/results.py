@@ -223,7 +223,7 @@ def compute_ratios(results: BenchResults) -> list[Ratio]:
         return found.cpu_ms if found else None
 
     miss_p50, direct_p50 = p50("miss_50ms", 1), p50("direct_50ms", 1)
-    return [
+    ratios = [
         Ratio(
             "memory hit / bare app, req/s at 32 conns",
             _divide(rps("memory_hit", 32), rps("bare", 32)),
@@ -254,6 +254,42 @@ def compute_ratios(results: BenchResults) -> list[Ratio]:
         Ratio("service resident memory after the runs", results.service_rss_mb, 150.0, False, " MB"),
         Ratio("start-up: spawn to first 200 from /ready", results.startup_median_s, 2.5, False, " s"),
     ]
+    # The same ratios for the service of --baseline-src, measured in the same run.
+    base = "@baseline"
+    base_p50 = p50("miss_50ms" + base, 1)
+    for name, value, target, higher, unit in (
+        (
+            "memory hit / bare app, req/s at 32 conns",
+            _divide(rps("memory_hit" + base, 32), rps("bare", 32)),
+            0.5,
+            True,
+            "",
+        ),
+        (
+            "Redis hit / bare app, req/s at 32 conns",
+            _divide(rps("redis_hit" + base, 32), rps("bare", 32)),
+            0.3,
+            True,
+            "",
+        ),
+        (
+            "miss / direct, provider 50 ms, req/s at 32 conns",
+            _divide(rps("miss_50ms" + base, 32), rps("direct_50ms", 32)),
+            0.5,
+            True,
+            "",
+        ),
+        (
+            "p50 miss - p50 direct, provider 50 ms, 1 conn",
+            None if base_p50 is None or direct_p50 is None else base_p50 - direct_p50,
+            3.0,
+            False,
+            " ms",
+        ),
+    ):
+        if value is not None:
+            ratios.append(Ratio(f"(baseline) {name}", value, target, higher, unit))
+    return ratios
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -336,11 +372,19 @@ def _dspy_lines(results: BenchResults) -> list[str]:
     plain = results.dspy["plain"]["cpu_ms_median"]
     tracked = results.dspy["track_usage"]["cpu_ms_median"]
     wall = results.dspy["track_usage"].get("wall_ms_mean")
+    service = results.dspy.get("run_program")  # absent in results from before the mode existed
     out = [
-        f"- DSPy in isolation (`await Predict.acall()`, native engine, simulator at 0 ms): "
-        f"{plain:.2f} ms CPU per call; {tracked:.2f} ms with usage tracking as the service runs it"
+        f"- DSPy in isolation (`await Predict.acall()`, native engine as DSPy builds it, simulator at "
+        f"0 ms): {plain:.2f} ms CPU per call; {tracked:.2f} ms with usage tracking"
         + (f", {wall:.2f} ms wall per call one after another." if wall else "."),
     ]
+    if service is not None:
+        tracked = service["cpu_ms_median"]  # what the service's own call of DSPy costs
+        wall = service.get("wall_ms_mean")
+        out.append(
+            f"- The service's `programs.run_program` (its LM, usage tracking; no HTTP serving, cache, "
+            f"metrics or logs): {tracked:.2f} ms CPU per call, {wall:.2f} ms wall per call."
+        )
     miss_1, direct_1 = results.find("miss_0ms", 1), results.find("direct_0ms", 1)
     if wall and miss_1 and direct_1 and miss_1.p50_ms is not None and direct_1.p50_ms is not None:
         added = miss_1.p50_ms - direct_1.p50_ms

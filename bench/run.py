@@ -10,6 +10,9 @@ non-zero only when it could not run at all.
     python -m bench.run                      # the default: ~5 minutes, more on a busy machine
     python -m bench.run --quick              # a smoke run: ~1-2 minutes
     python -m bench.run --duration 10 --repeat 5 --profile
+    python -m bench.run --scenarios miss_50ms,direct_50ms --startups 0   # the miss path alone
+    python -m bench.run --scenarios miss_50ms,direct_50ms --baseline-src ../old-checkout
+                                             # the same service from another checkout, interleaved
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -98,6 +101,13 @@ DIRECT_0 = Scenario("direct_0ms", "direct to provider, 0 ms", CHAT_PATH, "chat",
 DIRECT_50 = Scenario(
     "direct_50ms", "direct to provider, 50 ms", CHAT_PATH, "chat", provider_ms=SLOW_PROVIDER_MS
 )
+SCENARIOS = (BARE, MEMORY_HIT, REDIS_HIT, MISS_0, MISS_50, DIRECT_0, DIRECT_50)
+BASELINE_SUFFIX = "@baseline"
+
+
+def baseline_of(scenario: Scenario) -> Scenario:
+    """The same scenario against the service run from the --baseline-src checkout."""
+    return replace(scenario, key=scenario.key + BASELINE_SUFFIX, label=scenario.label + " (baseline)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +121,8 @@ class Options:
     profile: bool
     server_core: int | None
     load_core: int | None
+    scenarios: tuple[str, ...] = tuple(s.key for s in SCENARIOS)
+    baseline_src: Path | None = None  # a checkout whose service runs the service scenarios again
 
 
 class _Stopped(Exception):
@@ -455,30 +467,60 @@ def run_all(options: Options, results: BenchResults) -> None:
         _log(f"redis-server :{redis.port}, simulator :{simulator.port}; work directory {workdir}")
 
         probe_dspy(bench, options.dspy_calls)
-        measure_startup(bench, options.startups)
+        if options.startups:
+            measure_startup(bench, options.startups)
 
         # Every server stays up, idle when it is not the one under load, all on the server core.
-        bare = stack.enter_context(running(BareAppProcess(workdir, options.server_core)))
-        service = stack.enter_context(running(bench.service()))
-        redis_only = stack.enter_context(running(bench.service(MEMORY_CACHE_SIZE="0")))
-        plan: list[tuple[Scenario, HttpProcess]] = [
-            (BARE, bare),
-            (MEMORY_HIT, service),
-            (REDIS_HIT, redis_only),
-            (MISS_0, service),
-            (MISS_50, service),
-            (DIRECT_0, simulator),
-            (DIRECT_50, simulator),
-        ]
+        wanted = set(options.scenarios)
+        servers: list[HttpProcess] = []
+
+        def start(process: HttpProcess) -> HttpProcess:
+            servers.append(stack.enter_context(running(process)))
+            return process
+
+        service = redis_only = base_service = base_redis_only = None
+        if wanted & {MEMORY_HIT.key, MISS_0.key, MISS_50.key}:
+            service = start(bench.service())
+            if options.baseline_src is not None:
+                base_service = start(bench.service(PYTHONPATH=str(options.baseline_src / "src")))
+        if REDIS_HIT.key in wanted:
+            redis_only = start(bench.service(MEMORY_CACHE_SIZE="0"))
+            if options.baseline_src is not None:
+                base_redis_only = start(
+                    bench.service(MEMORY_CACHE_SIZE="0", PYTHONPATH=str(options.baseline_src / "src"))
+                )
+        bare = start(BareAppProcess(workdir, options.server_core)) if BARE.key in wanted else None
+        server_of: dict[str, tuple[HttpProcess | None, HttpProcess | None]] = {
+            BARE.key: (bare, None),
+            MEMORY_HIT.key: (service, base_service),
+            REDIS_HIT.key: (redis_only, base_redis_only),
+            MISS_0.key: (service, base_service),
+            MISS_50.key: (service, base_service),
+            DIRECT_0.key: (simulator, None),
+            DIRECT_50.key: (simulator, None),
+        }
+        plan: list[tuple[Scenario, HttpProcess]] = []
+        for scenario in SCENARIOS:
+            if scenario.key not in wanted:
+                continue
+            server, baseline = server_of[scenario.key]
+            assert server is not None
+            plan.append((scenario, server))
+            if baseline is not None:
+                plan.append((baseline_of(scenario), baseline))
         bench.measure(plan)
         if options.profile:
-            bench.profile(MEMORY_HIT, service)
-            bench.profile(REDIS_HIT, redis_only)
-            bench.profile(MISS_0, service)
-        for server in (service, redis_only):
-            errors_logged = _count_error_lines(server.log_path)
-            if errors_logged:
-                results.notes.append(f"{server.name} :{server.port} logged {errors_logged} error-level lines")
+            for scenario in (MEMORY_HIT, REDIS_HIT, MISS_0):
+                server = server_of[scenario.key][0]
+                if scenario.key in wanted and server is not None:
+                    bench.profile(scenario, server)
+        for server in servers:
+            if isinstance(server, ServiceProcess):
+                errors_logged = _count_error_lines(server.log_path)
+                if errors_logged:
+                    results.notes.append(
+                        f"{server.name} :{server.port} logged {errors_logged} error-level lines"
+                    )
 
 
 def _count_error_lines(log_path: Path) -> int:
@@ -514,27 +556,50 @@ def parse_options(argv: list[str] | None) -> tuple[Options, str]:
     parser.add_argument(
         "--connections", default="32,1", help="comma-separated connection counts (default 32,1)"
     )
-    parser.add_argument("--startups", type=int, default=3, help="service starts timed (default 3)")
+    parser.add_argument("--startups", type=int, default=3, help="service starts timed (default 3; 0: none)")
     parser.add_argument("--dspy-calls", type=int, default=300, help="calls in the DSPy CPU probe")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 s runs, 1 s warm-up, fewer calls")
     parser.add_argument("--profile", action="store_true", help="also sample the service with py-spy")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(s.key for s in SCENARIOS),
+        help="comma-separated scenarios to run (default all: %(default)s)",
+    )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="a checkout (e.g. a git worktree of an older commit) whose service runs every service "
+        "scenario again, interleaved with this one's, so that before and after share one run",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.dspy_calls = 1, 1, 100
     connections = tuple(int(c) for c in args.connections.split(",") if c.strip())
     if args.duration < 1 or args.warmup < 1 or args.repeat < 1 or not connections or min(connections) < 1:
         parser.error("--duration, --warmup, --repeat and every connection count must be at least 1")
+    known = {s.key for s in SCENARIOS}
+    scenarios = tuple(key.strip() for key in args.scenarios.split(",") if key.strip())
+    unknown = sorted(set(scenarios) - known)
+    if unknown or not scenarios:
+        parser.error(
+            f"--scenarios: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(known))}"
+        )
+    baseline_src = args.baseline_src.resolve() if args.baseline_src else None
+    if baseline_src is not None and not (baseline_src / "src" / "dspy_service").is_dir():
+        parser.error(f"--baseline-src {args.baseline_src}: no src/dspy_service in it")
     server_core, load_core, pinning = _cores()
     options = Options(
         duration_s=args.duration,
         warmup_s=args.warmup,
         repeat=args.repeat,
         connections=connections,
-        startups=max(args.startups, 1),
+        startups=max(args.startups, 0),
         dspy_calls=max(args.dspy_calls, 10),
         profile=args.profile,
         server_core=server_core,
         load_core=load_core,
+        scenarios=scenarios,
+        baseline_src=baseline_src,
     )
     return options, pinning
 
@@ -555,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": options.warmup_s,
             "repeat": options.repeat,
             "connections": list(options.connections),
+            "scenarios": list(options.scenarios),
+            "baseline_src": str(options.baseline_src) if options.baseline_src else None,
             "cpu_count": os.cpu_count(),
             "pinning": pinning,
             "python": platform.python_version(),
