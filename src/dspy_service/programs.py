@@ -1,7 +1,7 @@
 """DSPy programs and language models: the only module that imports dspy.
 
-DSPy is configured once at start-up (its own response cache and call history off: our cache is the
-only cache, so what we count is what was spent, and memory stays bounded). Each prediction runs
+DSPy is configured once at start-up (its own response cache, call history and trace off: our cache
+is the only cache, so what we count is what was spent, and memory stays bounded). Each prediction runs
 the variant's program through DSPy's async path under a per-request `dspy.context`, never
 changing global settings per request.
 """
@@ -60,7 +60,11 @@ def configure_dspy() -> None:
     if _configured:
         return
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
-    dspy.configure(disable_history=True)
+    # No trace either: by default every Predict call appends (module, inputs, prediction) to one
+    # process-wide list of up to 10,000 entries, for optimizers; serving never reads it, and it
+    # kept about 13 MB alive here (more with longer inputs). Modules that need one (BestOfN,
+    # Refine, the optimizers) open their own with dspy.context(trace=[]).
+    dspy.configure(disable_history=True, trace=None)
     _configured = True
 
 

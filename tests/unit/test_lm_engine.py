@@ -183,3 +183,15 @@ async def test_one_kept_alive_connection_closed_by_aclose(provider: str) -> None
     await programs.run_program(program, lm, {"question": "after"})  # a new connection, closed again
     await lms.aclose()
     assert _Provider.opened == 2
+
+
+async def test_predictions_leave_no_trace_behind(provider: str) -> None:
+    """DSPy's process-wide trace (for optimizers) is off: serving would keep 10,000 calls in it."""
+    programs.configure_dspy()
+    program = programs.load_program(VariantSpec(key="b", signature="question -> answer"), "test")
+    lm = programs._build_lm(_spec(), api_key="k", api_base=provider)
+    try:
+        await programs.run_program(program, lm, {"question": "q"})
+    finally:
+        await lm.engine.aclose()
+    assert dspy.settings.trace is None
