@@ -408,9 +408,38 @@ def _to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+class _ChatAdapter(dspy.ChatAdapter):  # type: ignore[misc]  # dspy is Any to mypy
+    """DSPy's ChatAdapter (the one DSPy uses when none is configured), with the system message
+    formatted once per signature instead of on every call.
+
+    The system message is a function of the signature alone (its fields, their types and its
+    instructions); DSPy rebuilds it per call, building a pydantic TypeAdapter for each field on the
+    way, which was about a tenth of a miss's CPU. Overriding `format_system_message` is the
+    adapter's documented way to change it; a signature whose state changes is a new class, so a
+    new key. Bounded: signatures made per call (none of ours are) are formatted as before.
+    """
+
+    _MAX_SIGNATURES = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._system_messages: dict[Any, str] = {}
+
+    def format_system_message(self, signature: Any) -> str:
+        found = self._system_messages.get(signature)
+        if found is None:
+            found = str(super().format_system_message(signature))
+            if len(self._system_messages) < self._MAX_SIGNATURES:
+                self._system_messages[signature] = found
+        return found
+
+
+_ADAPTER = _ChatAdapter()
+
+
 async def run_program(program: LoadedProgram, lm: Any, inputs: dict[str, Any]) -> ProgramRun:
     """Run the program once with `lm`; raise ProgramFailed (with spent usage) on any failure."""
-    with dspy.context(lm=lm, track_usage=True), dspy.track_usage() as tracker:
+    with dspy.context(lm=lm, track_usage=True, adapter=_ADAPTER), dspy.track_usage() as tracker:
         try:
             prediction = await program.module.acall(**inputs)
         except (LMError, AdapterParseError) as exc:

@@ -4,11 +4,12 @@ same usage and the same errors, and closes its connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 import pytest
@@ -195,3 +196,43 @@ async def test_predictions_leave_no_trace_behind(provider: str) -> None:
     finally:
         await lm.engine.aclose()
     assert dspy.settings.trace is None
+
+
+@pytest.mark.parametrize(
+    ("signature", "module", "instructions"),
+    [
+        ("question -> answer", "predict", None),
+        ("question, context: list[str] -> answer: int, confidence: float", "chain_of_thought", "Be brief."),
+    ],
+)
+async def test_run_program_prompts_as_dspys_default_adapter(
+    provider: str, signature: str, module: Literal["predict", "chain_of_thought"], instructions: str | None
+) -> None:
+    """The service's adapter keeps the system message per signature: the prompts stay DSPy's own,
+    on the first call and on the next ones."""
+    programs.configure_dspy()
+    spec = VariantSpec(key="v", signature=signature, module=module, instructions=instructions)
+    program = programs.load_program(spec, "test")
+    extra = {"context": ["Paris is in France.", "So is Lyon."]} if "context" in signature else {}
+    lm = programs._build_lm(_spec(), api_key="k", api_base=provider)
+
+    async def first_prompt(call: Any) -> Any:
+        _Provider.requests = []
+        with contextlib.suppress(Exception):  # the canned answer may not parse: the prompt is what counts
+            await call()
+        return _Provider.requests[0][2]["messages"]
+
+    try:
+        for question in ("Capital of France?", "Capital of Spain?"):
+            inputs = {"question": question, **extra}
+
+            async def dspys_own(inputs: dict[str, Any] = inputs) -> None:
+                with dspy.context(lm=lm):  # DSPy's default adapter
+                    await program.module.acall(**inputs)
+
+            async def ours(inputs: dict[str, Any] = inputs) -> None:
+                await programs.run_program(program, lm, inputs)
+
+            assert await first_prompt(ours) == await first_prompt(dspys_own)
+    finally:
+        await lm.engine.aclose()
