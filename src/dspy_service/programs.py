@@ -437,21 +437,32 @@ class _ChatAdapter(dspy.ChatAdapter):  # type: ignore[misc]  # dspy is Any to my
 _ADAPTER = _ChatAdapter()
 
 
+def _failure(exc: Exception, tracker: Any) -> ProgramFailed:
+    """What a failed run raises: its kind, and the tokens the provider reported before it failed."""
+    if isinstance(exc, (LMError, AdapterParseError)):
+        return ProgramFailed(
+            _classify(exc),
+            str(exc),
+            _usage_totals(tracker),
+            status=getattr(exc, "status", None),
+            retry_after=getattr(exc, "retry_after", None),
+        )
+    return ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", _usage_totals(tracker))
+
+
+def _finished(program: LoadedProgram, prediction: Any, tracker: Any) -> ProgramRun:
+    outputs = {name: _to_jsonable(prediction.get(name)) for name in program.output_fields}
+    return ProgramRun(outputs=outputs, usage_by_model=_usage_totals(tracker))
+
+
 async def run_program(program: LoadedProgram, lm: Any, inputs: dict[str, Any]) -> ProgramRun:
     """Run the program once with `lm`; raise ProgramFailed (with spent usage) on any failure."""
     with dspy.context(lm=lm, track_usage=True, adapter=_ADAPTER), dspy.track_usage() as tracker:
         try:
             prediction = await program.module.acall(**inputs)
-        except (LMError, AdapterParseError) as exc:
-            status = getattr(exc, "status", None)
-            retry_after = getattr(exc, "retry_after", None)
-            raise ProgramFailed(
-                _classify(exc), str(exc), _usage_totals(tracker), status=status, retry_after=retry_after
-            ) from exc
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", _usage_totals(tracker)) from exc
-    outputs = {name: _to_jsonable(prediction.get(name)) for name in program.output_fields}
-    return ProgramRun(outputs=outputs, usage_by_model=_usage_totals(tracker))
+        except (LMError, AdapterParseError, ValueError, TypeError, KeyError) as exc:
+            raise _failure(exc, tracker) from exc
+    return _finished(program, prediction, tracker)
 
 
 ChunkSink = Callable[[str, str], None]  # (output field, text) as tokens arrive
@@ -476,20 +487,13 @@ async def stream_program(
                         on_chunk(value.signature_field_name, value.chunk)
                 elif isinstance(value, dspy.Prediction):
                     prediction = value
-        except (LMError, AdapterParseError) as exc:
-            status = getattr(exc, "status", None)
-            retry_after = getattr(exc, "retry_after", None)
-            raise ProgramFailed(
-                _classify(exc), str(exc), _usage_totals(tracker), status=status, retry_after=retry_after
-            ) from exc
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", _usage_totals(tracker)) from exc
+        except (LMError, AdapterParseError, ValueError, TypeError, KeyError) as exc:
+            raise _failure(exc, tracker) from exc
     if prediction is None:
         raise ProgramFailed(
             "unexpected", "the program's stream ended without a prediction", _usage_totals(tracker)
         )
-    outputs = {name: _to_jsonable(prediction.get(name)) for name in program.output_fields}
-    return ProgramRun(outputs=outputs, usage_by_model=_usage_totals(tracker))
+    return _finished(program, prediction, tracker)
 
 
 def bundled_price(model_id: str) -> Price | None:

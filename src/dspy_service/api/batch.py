@@ -19,12 +19,12 @@ from starlette.responses import Response
 
 from dspy_service.api.deps import services_of
 from dspy_service.api.responses import JSONResponse, error_body
-from dspy_service.api.routes import prediction_body
+from dspy_service.api.routes import prediction_body, prediction_input
 from dspy_service.api.schemas import BatchRequest, PredictRequest, describe_validation_error
 from dspy_service.errors import InvalidRequest, ServiceError
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
-from dspy_service.predictor import PredictionInput, Predictor
+from dspy_service.predictor import Predictor
 
 _log = get_logger("dspy_service.api.batch")
 
@@ -92,17 +92,7 @@ async def _predict_item(
     request_id = parsed.request_id or default_id
     async with limit:
         try:
-            result = await predictor.predict(
-                PredictionInput(
-                    parsed.model,
-                    parsed.variant,
-                    parsed.input,
-                    parsed.parameters,
-                    parsed.use_cache,
-                    parsed.user_id,
-                    tenant=scope.tenant,
-                )
-            )
+            result = await predictor.predict(prediction_input(parsed, scope.tenant))
         except ServiceError as exc:
             return _item_error(metrics, exc, request_id)
         except Exception as exc:  # a bug in one item must not take the others' answers with it

@@ -70,6 +70,11 @@ async def read_prediction_input(
     log_fields = state["log"]
     log_fields["model"] = parsed.model
     log_fields["variant"] = parsed.variant
+    return prediction_input(parsed, state.get("tenant"))
+
+
+def prediction_input(parsed: PredictRequest, tenant: str | None) -> PredictionInput:
+    """A validated request body (a single request's or a batch item's) as the predictor's input."""
     return PredictionInput(
         parsed.model,
         parsed.variant,
@@ -77,7 +82,7 @@ async def read_prediction_input(
         parsed.parameters,
         parsed.use_cache,
         parsed.user_id,
-        tenant=state.get("tenant"),
+        tenant=tenant,
     )
 
 
