@@ -20,25 +20,10 @@ from typing import Any, TypeVar
 
 import httpx
 
+from dspy_service.settings import service_environment
+
 LOOPBACK = "127.0.0.1"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# Service settings the caller's environment must not leak into the processes we start.
-_SERVICE_ENV_PREFIXES = (
-    "OPENAI_",
-    "REDIS_",
-    "MODELS_",
-    "CIRCUIT_",
-    "MEMORY_",
-    "LOG_",
-    "SERVICE_",
-    "WORKERS",
-    "MAX_",
-    "REQUEST_",
-    "SHUTDOWN_",
-    "COSTS_",
-    "CORS_",
-    "SIMULATOR_",
-)
 
 
 class BenchSetupError(Exception):
@@ -94,12 +79,7 @@ def rss_mb(pid: int) -> float:
 
 def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """Our environment without anything that configures the service, plus `extra`."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(_SERVICE_ENV_PREFIXES) and k not in ("PORT", "HOST")
-    }
-    return {**base, **extra}
+    return {**service_environment(os.environ), **extra}
 
 
 class Process:

@@ -7,6 +7,7 @@ There is no module-level instance: `Settings()` is built by the CLI and handed d
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -167,3 +168,11 @@ def redact_url(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without any variable the service reads: for tools (tests, bench) that start it and
+    must configure it themselves. Derived from the fields, so a new setting cannot leak in."""
+    ours = {name.upper() for name in Settings.model_fields}
+    ours |= {"PROMETHEUS_MULTIPROC_DIR", "LITELLM_LOCAL_MODEL_COST_MAP"}
+    return {k: v for k, v in environ.items() if k.upper() not in ours and not k.upper().startswith("OTEL_")}

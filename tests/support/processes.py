@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from dspy_service.settings import service_environment
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -249,20 +251,7 @@ class ServiceProcess:
 
 def _clean_environment() -> dict[str, str]:
     """The test runner's environment without anything that configures the service."""
-    skip_prefixes = (
-        "OPENAI_",
-        "REDIS_",
-        "MODELS_",
-        "CIRCUIT_",
-        "MEMORY_",
-        "LOG_",
-        "SERVICE_",
-        "API_KEYS",
-        "OTEL_",
-    )
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith(skip_prefixes) and k not in ("PORT", "HOST")
-    }
+    return service_environment(os.environ)
 
 
 def run_service_expecting_failure(
