@@ -345,9 +345,43 @@ def render_markdown(results: BenchResults) -> str:
     if results.idle_rss_mb is not None:
         lines.append(f"- Service resident memory when just ready (idle): {results.idle_rss_mb:.0f} MB.")
     lines += _dspy_lines(results)
+    lines += _workers_lines(results)
     lines += _noise_lines(results)
     lines += [f"- {note}" for note in results.notes]
     return "\n".join(lines) + "\n"
+
+
+# A WORKERS=2 scenario and the one-worker, one-core scenario it is compared with.
+_TWO_WORKER_PAIRS = (
+    ("memory_hit_2w", "memory_hit", "memory hit"),
+    ("miss_0ms_2w", "miss_0ms", "miss, provider 0 ms"),
+    ("miss_50ms_2w", "miss_50ms", "miss, provider 50 ms"),
+)
+
+
+def _workers_lines(results: BenchResults) -> list[str]:
+    parts, rss = [], []
+    for two_key, one_key, label in _TWO_WORKER_PAIRS:
+        for connections in results.settings.get("connections", (32,)):
+            two, one = results.find(two_key, connections), results.find(one_key, connections)
+            if two is None or two.rps is None:
+                continue
+            gain = _divide(two.rps, one.rps if one is not None else None)
+            parts.append(
+                f"{label} at {connections} conns {two.rps:,.0f} req/s"
+                + (f" ({gain:.2f}x one worker on one core)" if gain is not None else "")
+            )
+            if two.rss_mb is not None:
+                rss.append(two.rss_mb)
+    if not parts:
+        return []
+    line = (
+        "- WORKERS=2, the service on both cores (the second shared with wrk, redis-server and the "
+        "simulator): " + "; ".join(parts) + "."
+    )
+    if rss:
+        line += f" Supervisor and two workers together: {max(rss):.0f} MB resident."
+    return [line]
 
 
 def _noise_lines(results: BenchResults) -> list[str]:
