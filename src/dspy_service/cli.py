@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -184,6 +185,12 @@ async def _serve(
         print(f"dspy-service: configuration error: {exc}", file=sys.stderr)
         return 2
     app = create_app(services)
+    # Everything built so far (DSPy, pydantic's schemas, the programs: ~100,000 objects) lives as
+    # long as the process. Frozen, the collector stops scanning it on every full collection, which
+    # took ~30 ms each under load: miss p99 at 32 connections 73 -> 37 ms (provider 0 ms), 94 -> 81
+    # ms (50 ms), in one bench run with --baseline-src.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(
         app,
         host=settings.host,
