@@ -27,6 +27,7 @@ COSTS_INDEX = KEY_PREFIX + "costs-index"
 _log = get_logger("dspy_service.costs")
 
 PriceLookup = Callable[[str], "Price | None"]
+_COST_DECIMALS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,10 @@ def price_usage(usage_by_model: dict[str, tuple[int, int]], prices: PriceLookup)
             cost = None
         elif cost is not None:
             cost += price.cost(input_tokens, output_tokens)
+    if cost is not None:
+        # Binary floats turn 127 x $0.00003 + 40 x $0.00006 into 0.006209999999999999; a
+        # trillionth of a dollar is far below any token price, so rounding there loses nothing.
+        cost = round(cost, _COST_DECIMALS)
     return Usage(total_in, total_out, cost, tuple(unpriced))
 
 

@@ -18,6 +18,14 @@ def test_usage_from_several_models_is_priced_per_model() -> None:
     assert usage.unpriced_models == ()
 
 
+def test_a_cost_is_the_decimal_a_person_would_compute() -> None:
+    """127 input and 40 output tokens at $0.03 and $0.06 per 1k cost $0.00621, not the binary
+    float sum 0.006209999999999999 (which reached responses and log lines)."""
+    gpt4 = Price(0.03 / 1000, 0.06 / 1000, "configured")
+    assert gpt4.cost(127, 40) != 0.00621  # the float artefact the rounding removes
+    assert price_usage({"openai/gpt-4": (127, 40)}, {"openai/gpt-4": gpt4}.get).cost_usd == 0.00621
+
+
 def test_one_unpriced_model_makes_the_cost_unknown() -> None:
     """If any model's price is unknown, the total cost is None and the model is named."""
     usage = price_usage({"openai/a": (100, 10), "openai/zzz": (5, 1)}, PRICES.get)
