@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,22 +77,22 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """`cpu_seconds` summed over the process and its live descendants."""
+def _tree_total(pid: int, measure: Callable[[int], float]) -> float:
     total = 0.0
     for member in process_tree(pid):
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(member)
+        with contextlib.suppress(OSError):  # a member that exited since the listing
+            total += measure(member)
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` summed over the process and its live descendants."""
+    return _tree_total(pid, cpu_seconds)
 
 
 def tree_rss_mb(pid: int) -> float:
     """`rss_mb` summed over the process and its live descendants."""
-    total = 0.0
-    for member in process_tree(pid):
-        with contextlib.suppress(OSError):
-            total += rss_mb(member)
-    return total
+    return _tree_total(pid, rss_mb)
 
 
 def core_busy_seconds(core: int) -> float:
