@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import compileall
 import contextlib
 import importlib.util
 import json
@@ -481,22 +480,15 @@ def probe_dspy(bench: Bench, calls: int) -> None:
     _log(f"DSPy in isolation: {plain:.2f} ms CPU per call")
 
 
-def compile_sources(options: Options, results: BenchResults) -> None:
-    """Our modules' .pyc, as the installed package in the image has them (pip writes them at
-    install), so that start-up is not measured compiling our source; and a note where the
-    dependencies have none (a venv not built by `make`, which installs with --compile-bytecode)."""
-    for src in (
-        Path(__file__).resolve().parent.parent / "src",
-        options.baseline_src and options.baseline_src / "src",
-    ):
-        if src is not None:
-            compileall.compile_dir(src, quiet=1)
+def note_missing_bytecode(results: BenchResults) -> None:
+    """Start-up is measured as installed: `make` writes the dependencies' .pyc files (uv pip install
+    --compile-bytecode), as the image's pip install does. Say so where this venv has none."""
     spec = importlib.util.find_spec("dspy")
     origin = spec.origin if spec is not None else None
     if origin is not None and not Path(importlib.util.cache_from_source(origin)).exists():
         results.notes.append(
             "DSPy's .pyc files are missing from this virtualenv, so start-up includes compiling it "
-            "(about 1.2 s here): build the venv with `make` (uv pip install --compile-bytecode)"
+            "(about 1.2 s here): build the venv with `make`"
         )
 
 
@@ -514,7 +506,7 @@ def run_all(options: Options, results: BenchResults) -> None:
         _log(f"redis-server :{redis.port}, simulator :{simulator.port}; work directory {workdir}")
 
         probe_dspy(bench, options.dspy_calls)
-        compile_sources(options, results)
+        note_missing_bytecode(results)
         if options.startups:
             measure_startup(bench, options.startups)
 

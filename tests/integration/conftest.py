@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import compileall
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,16 +12,6 @@ from tests.support.processes import RedisServer, ServiceProcess, Simulator
 TEST_API_KEY = "sk-test-never-log-me-4242"
 
 ServiceFactory = Callable[..., ServiceProcess]
-
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "src"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def compiled_source() -> None:
-    """Our modules' .pyc written once, as an installed package has them: the service processes
-    these tests start (dozens) then do not each compile them again where PYTHONDONTWRITEBYTECODE
-    is set. Only what changed since the last run is compiled."""
-    compileall.compile_dir(SOURCE_DIR, quiet=1)
 
 
 @pytest.fixture(scope="session")
