@@ -283,10 +283,8 @@ class Bench:
         for process in (server, self.redis, self.simulator):
             process.ensure_alive()
         self.prepare(scenario, server)
-        # The server's own core, where it has one (the simulator is moved to it when it is the server).
-        server_core = (
-            self.options.server_core if server.core is not None or server is self.simulator else None
-        )
+        # The server core, unless this server runs on every core (WORKERS=2): then no core is its own.
+        server_core = self.options.server_core if server.core is not None else None
         calls_before = self.simulator.calls()
         redis_before = self.redis.stats().get("total_commands_processed", 0)
         core_before = core_busy_seconds(server_core) if server_core is not None else 0.0
