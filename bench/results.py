@@ -351,28 +351,25 @@ def render_markdown(results: BenchResults) -> str:
     return "\n".join(lines) + "\n"
 
 
-# A WORKERS=2 scenario and the one-worker, one-core scenario it is compared with.
-_TWO_WORKER_PAIRS = (
-    ("memory_hit_2w", "memory_hit", "memory hit"),
-    ("miss_0ms_2w", "miss_0ms", "miss, provider 0 ms"),
-    ("miss_50ms_2w", "miss_50ms", "miss, provider 50 ms"),
-)
+# A WORKERS=2 scenario's key and label: its one-worker scenario's, plus these (bench.run.two_workers_of).
+TWO_WORKERS_SUFFIX = "_2w"
+TWO_WORKERS_LABEL = ", WORKERS=2, both cores"
 
 
 def _workers_lines(results: BenchResults) -> list[str]:
+    """Each WORKERS=2 scenario ("<key>_2w") against its one-worker, one-core scenario ("<key>")."""
     parts, rss = [], []
-    for two_key, one_key, label in _TWO_WORKER_PAIRS:
-        for connections in results.settings.get("connections", (32,)):
-            two, one = results.find(two_key, connections), results.find(one_key, connections)
-            if two is None or two.rps is None:
-                continue
-            gain = _divide(two.rps, one.rps if one is not None else None)
-            parts.append(
-                f"{label} at {connections} conns {two.rps:,.0f} req/s"
-                + (f" ({gain:.2f}x one worker on one core)" if gain is not None else "")
-            )
-            if two.rss_mb is not None:
-                rss.append(two.rss_mb)
+    for two in results.scenarios:
+        if not two.key.endswith(TWO_WORKERS_SUFFIX) or two.failure or two.rps is None:
+            continue
+        one = results.find(two.key.removesuffix(TWO_WORKERS_SUFFIX), two.connections)
+        gain = _divide(two.rps, one.rps if one is not None else None)
+        parts.append(
+            f"{two.label.removesuffix(TWO_WORKERS_LABEL)} at {two.connections} conns "
+            f"{two.rps:,.0f} req/s" + (f" ({gain:.2f}x one worker on one core)" if gain is not None else "")
+        )
+        if two.rss_mb is not None:
+            rss.append(two.rss_mb)
     if not parts:
         return []
     line = (

@@ -56,7 +56,14 @@ from bench.processes import (
     tree_rss_mb,
 )
 from bench.profile import find_py_spy, render_summary, start_py_spy, summarise
-from bench.results import BenchResults, RunSample, ScenarioResult, render_markdown
+from bench.results import (
+    TWO_WORKERS_LABEL,
+    TWO_WORKERS_SUFFIX,
+    BenchResults,
+    RunSample,
+    ScenarioResult,
+    render_markdown,
+)
 from bench.wrk import ensure_wrk, run_wrk
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -104,12 +111,20 @@ DIRECT_0 = Scenario("direct_0ms", "direct to provider, 0 ms", CHAT_PATH, "chat",
 DIRECT_50 = Scenario(
     "direct_50ms", "direct to provider, 50 ms", CHAT_PATH, "chat", provider_ms=SLOW_PROVIDER_MS
 )
-# What a second worker process gives on this machine: the service (WORKERS=2) has both cores,
-# sharing the second with wrk, redis-server and the simulator; compare with the one-core rows.
-TWO_WORKERS = "WORKERS=2, both cores"
-MEMORY_HIT_2W = replace(MEMORY_HIT, key="memory_hit_2w", label=f"memory hit, {TWO_WORKERS}", workers=2)
-MISS_0_2W = replace(MISS_0, key="miss_0ms_2w", label=f"miss, provider 0 ms, {TWO_WORKERS}", workers=2)
-MISS_50_2W = replace(MISS_50, key="miss_50ms_2w", label=f"miss, provider 50 ms, {TWO_WORKERS}", workers=2)
+
+
+def two_workers_of(scenario: Scenario) -> Scenario:
+    """What a second worker process gives on this machine: the service (WORKERS=2) has both cores,
+    sharing the second with wrk, redis-server and the simulator; compared with the one-core rows."""
+    return replace(
+        scenario,
+        key=scenario.key + TWO_WORKERS_SUFFIX,
+        label=scenario.label + TWO_WORKERS_LABEL,
+        workers=2,
+    )
+
+
+MEMORY_HIT_2W, MISS_0_2W, MISS_50_2W = (two_workers_of(s) for s in (MEMORY_HIT, MISS_0, MISS_50))
 SCENARIOS = (
     BARE,
     MEMORY_HIT,

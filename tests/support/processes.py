@@ -188,7 +188,7 @@ class ServiceProcess:
         self.port = free_port()
         self.workdir = workdir
         self.log_path = workdir / f"{name}-{self.port}.log"
-        self.env = {**_clean_environment(), "PORT": str(self.port), "HOST": LOOPBACK, **env}
+        self.env = {**service_environment(os.environ), "PORT": str(self.port), "HOST": LOOPBACK, **env}
         self.process: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(base_url=self.url, timeout=30)
 
@@ -249,16 +249,11 @@ class ServiceProcess:
                 self.process.wait(timeout=5)
 
 
-def _clean_environment() -> dict[str, str]:
-    """The test runner's environment without anything that configures the service."""
-    return service_environment(os.environ)
-
-
 def run_service_expecting_failure(
     env: Mapping[str, str], workdir: Path, timeout: float = 60
 ) -> tuple[int, str]:
     """Start the service and expect it to exit on its own; return (exit code, output)."""
-    full_env = {**_clean_environment(), "PORT": str(free_port()), "HOST": LOOPBACK, **env}
+    full_env = {**service_environment(os.environ), "PORT": str(free_port()), "HOST": LOOPBACK, **env}
     done = subprocess.run(
         [sys.executable, "-m", "dspy_service.cli", "serve"],
         env=full_env,
