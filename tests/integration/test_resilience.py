@@ -128,26 +128,30 @@ def test_redis_killed_under_load_costs_no_prediction(
     questions = [unique() for _ in range(40)]
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
-    sent = 0
+    sent = 0  # requests begun
+    done = 0  # requests answered
     sent_at_kill = 0
 
     def one(i: int) -> None:
-        nonlocal sent
+        nonlocal sent, done
+        with lock:
+            sent += 1
         with httpx.Client(base_url=service.url, timeout=30) as client:
             response = post(client, input=questions[i % len(questions)])
         level = (
             response.json().get("metadata", {}).get("cache_level") if response.status_code == 200 else None
         )
         with lock:
-            sent += 1
+            done += 1
             outcomes[f"{response.status_code} {level}"] += 1
 
     def chaos() -> None:
         nonlocal sent_at_kill
-        wait_until(lambda: sent >= 150, timeout=60, what="150 requests")
+        wait_until(lambda: done >= 150, timeout=60, what="150 requests")
         own_redis.kill()
-        sent_at_kill = sent
-        wait_until(lambda: sent >= 400, timeout=60, what="400 requests")
+        with lock:
+            sent_at_kill = sent
+        wait_until(lambda: done >= 400, timeout=60, what="400 requests")
         own_redis.start()
 
     chaos_thread = threading.Thread(target=chaos)
@@ -173,16 +177,20 @@ def test_redis_killed_under_load_costs_no_prediction(
             return -1
         return int(response.json()["gpt-3.5-turbo:baseline"]["total_requests"])
 
-    # The killed Redis lost what it held; every request answered after the kill must be in the totals
-    # (kept while Redis was down and flushed when it came back), and nothing counted twice.
-    answered_after_kill = 600 - sent_at_kill + 2
-    wait_until(
-        lambda: fleet_total() >= answered_after_kill, timeout=10, what="pending cost totals to be flushed"
-    )
-    print(
-        f"fleet total after the outage: {fleet_total()} requests "
-        f"(>= {answered_after_kill} answered after the kill)"
-    )
+    # The killed Redis lost what it held (including totals flushed just before the kill for requests
+    # still on their way back to the client), so the bound counts only requests begun after the kill:
+    # each was answered and recorded while Redis was down, kept, and flushed when it came back. Nothing
+    # may be counted twice.
+    begun_after_kill = 600 - sent_at_kill + 2
+    try:
+        wait_until(
+            lambda: fleet_total() >= begun_after_kill, timeout=10, what="pending cost totals to be flushed"
+        )
+    finally:
+        print(
+            f"fleet total after the outage: {fleet_total()} requests "
+            f"(>= {begun_after_kill} begun after the kill)"
+        )
     assert fleet_total() <= 602
 
 
@@ -212,6 +220,37 @@ def test_frozen_redis_delays_no_request_beyond_its_timeout(
         timeout=15,
         what="the service to see Redis again",
     )
+
+
+def test_a_flush_lost_to_a_frozen_redis_is_not_counted_twice(
+    service_factory: ServiceFactory, sim: Simulator, own_redis: RedisServer
+) -> None:
+    """Cost totals sent to a Redis that froze mid-flush are kept and sent again once it answers; the
+    frozen Redis still applies the first copy when it thaws, and the totals count each request once."""
+    service = service_factory(
+        REDIS_URL=own_redis.url, REDIS_TIMEOUT_SECS="0.2", COSTS_FLUSH_INTERVAL_SECS="3600"
+    )
+    for _ in range(3):
+        assert post(service.http, input=unique()).status_code == 200
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        # /costs flushes first: the flush reaches the frozen Redis's socket, times out, and is kept.
+        frozen = service.http.get("/costs")
+        assert frozen.headers["x-costs-scope"] == "replica"
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    wait_until(
+        lambda: service.http.get("/health").json()["redis_connected"],
+        timeout=15,
+        what="the service to see Redis again",
+    )
+    thawed = service.http.get("/costs")
+    assert thawed.headers["x-costs-scope"] == "fleet"
+    totals = thawed.json()["gpt-3.5-turbo:baseline"]
+    print(f"\nflush lost to a frozen Redis: fleet totals {totals['total_requests']} requests")
+    assert totals["total_requests"] == 3
+    assert totals["total_cost_usd"] == frozen.json()["gpt-3.5-turbo:baseline"]["total_cost_usd"]
 
 
 def test_sigterm_lets_in_flight_requests_finish(service_factory: ServiceFactory, sim: Simulator) -> None:
