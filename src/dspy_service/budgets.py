@@ -4,8 +4,9 @@ Spend is kept per UTC day under `dspy-service:v1:spend:<day>:<scope>:<name>` (IN
 after 48 h). `check` reads the fleet's figures (one MGET) before a cache miss goes upstream and
 refuses it once a budget is spent; `record` adds a call's cost locally at once and to Redis right
 after. While Redis is down the last fleet figures seen plus this replica's own spend decide, and the
-unsent spend is added when Redis returns. Requests already in flight when a budget runs out may
-overshoot it by their own cost.
+unsent spend is added when Redis returns; a send whose reply was lost is resent as it was, under its
+token, so it is never counted twice (see redis_batches). Requests already in flight when a budget
+runs out may overshoot it by their own cost.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dspy_service.errors import BudgetExceeded
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
 from dspy_service.models_config import BudgetsConfig
+from dspy_service.redis_batches import BatchWriter, Command, new_token
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 
 SPEND_PREFIX = KEY_PREFIX + "spend:"
@@ -50,7 +52,10 @@ class Budgets:
         self._refresh_secs = refresh_secs
         self._clock = clock
         self._fleet: dict[str, float] = {}  # Redis key -> last fleet total seen
-        self._pending: dict[str, float] = {}  # Redis key -> spend not yet added to Redis
+        self._pending: dict[str, float] = {}  # Redis key -> spend not yet sent to Redis
+        # Spend sent under its token whose outcome Redis has not confirmed.
+        self._in_doubt: tuple[str, dict[str, float]] | None = None
+        self._writer = BatchWriter(link, "budgets") if link is not None else None
         self._flush_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresh_task: asyncio.Task[None] | None = None
@@ -84,7 +89,8 @@ class Budgets:
     def spent(self, scope: str, name: str) -> float:
         """Today's spend as this replica knows it: the fleet's last figure plus what is not sent yet."""
         key = self._key(scope, name)
-        return self._fleet.get(key, 0.0) + self._pending.get(key, 0.0)
+        in_doubt = self._in_doubt[1].get(key, 0.0) if self._in_doubt is not None else 0.0
+        return self._fleet.get(key, 0.0) + self._pending.get(key, 0.0) + in_doubt
 
     async def check(self, model: str, tenant: str | None) -> None:
         """Raise BudgetExceeded when the model's or the tenant's budget for today is spent."""
@@ -134,38 +140,36 @@ class Budgets:
         self._fleet[key] = max(self._fleet.get(key, 0.0), total)
 
     async def flush(self) -> bool:
-        """Add unsent spend to Redis (INCRBYFLOAT and EXPIRE in one transaction).
+        """Add unsent spend to Redis (INCRBYFLOAT and EXPIRE, atomically): first the batch in doubt, if
+        any, as it was sent, then what is pending now. True when nothing is left unsent.
 
-        The spend stays pending until Redis has confirmed it, so a check meanwhile counts it (perhaps
+        Spend counts in `spent` until Redis has confirmed it, so a check meanwhile counts it (perhaps
         twice, for a moment: the safe side of a budget), never not at all.
         """
-        link = self._link
-        if link is None or not self._pending or not link.connected:
-            return not self._pending
+        link, writer = self._link, self._writer
+        if link is None or writer is None or not link.connected:
+            return self._in_doubt is None and not self._pending
         async with self._flush_lock:
-            batch = dict(self._pending)
-            if not batch:
-                return True
-
-            async def write(client: Any) -> list[Any]:
-                pipe = client.pipeline(transaction=True)
+            for _ in range(2):
+                if self._in_doubt is None:
+                    if not self._pending:
+                        return True
+                    self._in_doubt = (new_token(), self._pending)
+                    self._pending = {}
+                token, batch = self._in_doubt
+                commands: list[Command] = []
                 for key, usd in batch.items():
-                    pipe.incrbyfloat(key, usd)
-                    pipe.expire(key, SPEND_EXPIRY_SECS)
-                result: list[Any] = await pipe.execute()
-                return result
-
-            replies = await link.call(write)
-            if replies is None:
-                return False
-            for (key, usd), total in zip(batch.items(), replies[::2], strict=True):
-                left = self._pending[key] - usd
-                if left > 1e-12:
-                    self._pending[key] = left
+                    commands += [("INCRBYFLOAT", key, usd), ("EXPIRE", key, SPEND_EXPIRY_SECS)]
+                applied = await writer.send(token, commands)
+                if applied is None:
+                    return False
+                self._in_doubt = None
+                if applied.replies is None:  # applied by an earlier send, whose totals we never saw
+                    await self._read_fleet(list(batch))
                 else:
-                    del self._pending[key]
-                self._see_fleet(key, float(total))
-            return True
+                    for key, total in zip(batch, applied.replies[::2], strict=True):
+                        self._see_fleet(key, float(total))
+            return not self._pending
 
     async def refresh(self) -> None:
         """Send unsent spend and re-read every budget's figure, so the gauges are right even on an idle
@@ -200,4 +204,5 @@ class Budgets:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if not await self.flush():
-            _log.warning("budgets.unflushed", entries=len(self._pending), detail="Redis unreachable")
+            unsent = set(self._pending) | set(self._in_doubt[1] if self._in_doubt is not None else ())
+            _log.warning("budgets.unflushed", entries=len(unsent), detail="Redis unreachable")

@@ -5,7 +5,8 @@ price data DSPy ships; where no price is known the cost is None (reported as nul
 
 Totals are kept locally and, when Redis is configured, added to fleet-wide hashes in Redis every
 COSTS_FLUSH_INTERVAL_SECS. Deltas that could not reach Redis stay pending and are flushed when it
-returns, so an outage loses nothing.
+returns, so an outage loses nothing; a flush whose reply was lost is resent as it was, under its
+token, so it is never counted twice (see redis_batches).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from dspy_service.logs import get_logger
 from dspy_service.models_config import ModelSpec
+from dspy_service.redis_batches import BatchWriter, Command, new_token
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 from dspy_service.timefmt import utc_now_iso
 
@@ -141,6 +143,9 @@ class CostLedger:
         self._interval = flush_interval_secs
         self._local: dict[str, CostTotals] = {}
         self._pending: dict[str, CostTotals] = {}
+        # A batch sent under its token whose outcome Redis has not confirmed.
+        self._in_doubt: tuple[str, dict[str, CostTotals]] | None = None
+        self._writer = BatchWriter(link, "costs") if link is not None else None
         self._flush_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -175,6 +180,15 @@ class CostLedger:
         if self._link is not None:
             self._pending.setdefault(name, CostTotals()).add(delta)
 
+    def _unsent(self) -> dict[str, CostTotals]:
+        """What this replica has counted that Redis has not confirmed."""
+        unsent: dict[str, CostTotals] = {}
+        batches = [self._pending] if self._in_doubt is None else [self._in_doubt[1], self._pending]
+        for batch in batches:
+            for name, delta in batch.items():
+                unsent.setdefault(name, CostTotals()).add(delta)
+        return unsent
+
     def start(self) -> None:
         if self._link is not None:
             self._link.on_reconnect(self._flush_after_outage)
@@ -185,10 +199,9 @@ class CostLedger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.flush()
-        if self._pending:
+        if not await self.flush():
             _log.warning(
-                "costs.unflushed", entries=len(self._pending), detail="Redis unreachable at shutdown"
+                "costs.unflushed", entries=len(self._unsent()), detail="Redis unreachable at shutdown"
             )
 
     async def _flush_after_outage(self) -> None:
@@ -200,33 +213,23 @@ class CostLedger:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Add pending deltas to the fleet totals in one transaction; keep them if Redis fails."""
-        link = self._link
-        if link is None or not self._pending or not link.connected:
-            return not self._pending
+        """Add unsent deltas to the fleet totals: first the batch in doubt, if any, as it was sent, then
+        what is pending now. True when nothing is left unsent."""
+        link, writer = self._link, self._writer
+        if link is None or writer is None or not link.connected:
+            return self._in_doubt is None and not self._pending
         async with self._flush_lock:
-            batch, self._pending = self._pending, {}
-
-            async def write(client: Any) -> Any:
-                pipe = client.pipeline(transaction=True)
-                for name, delta in batch.items():
-                    key = COSTS_PREFIX + name
-                    for field in _INT_FIELDS:
-                        if value := getattr(delta, field):
-                            pipe.hincrby(key, field, value)
-                    for field in _FLOAT_FIELDS:
-                        if value := getattr(delta, field):
-                            pipe.hincrbyfloat(key, field, value)
-                    if delta.last_updated:
-                        pipe.hset(key, "last_updated", delta.last_updated)
-                    pipe.sadd(COSTS_INDEX, name)
-                return await pipe.execute()
-
-            if await link.call(write) is None:
-                for name, delta in batch.items():  # put them back in front of what came meanwhile
-                    self._pending.setdefault(name, CostTotals()).add(delta)
-                return False
-            return True
+            for _ in range(2):
+                if self._in_doubt is None:
+                    if not self._pending:
+                        return True
+                    self._in_doubt = (new_token(), self._pending)
+                    self._pending = {}
+                token, batch = self._in_doubt
+                if await writer.send(token, _increments(batch)) is None:
+                    return False
+                self._in_doubt = None
+            return not self._pending
 
     async def snapshot(self) -> tuple[dict[str, dict[str, Any]], str]:
         """Totals per `model:variant` and their scope: "fleet" (from Redis) or "replica"."""
@@ -244,7 +247,23 @@ class CostLedger:
 
             fleet = await link.call(read)
             if fleet is not None:
-                for name, delta in self._pending.items():
+                for name, delta in self._unsent().items():
                     fleet.setdefault(name, CostTotals()).add(delta)
                 return {name: totals.to_json() for name, totals in sorted(fleet.items())}, "fleet"
         return {name: totals.to_json() for name, totals in sorted(self._local.items())}, "replica"
+
+
+def _increments(batch: dict[str, CostTotals]) -> list[Command]:
+    commands: list[Command] = []
+    for name, delta in batch.items():
+        key = COSTS_PREFIX + name
+        commands += [
+            ("HINCRBY", key, field, value) for field in _INT_FIELDS if (value := getattr(delta, field))
+        ]
+        commands += [
+            ("HINCRBYFLOAT", key, field, value) for field in _FLOAT_FIELDS if (value := getattr(delta, field))
+        ]
+        if delta.last_updated:
+            commands.append(("HSET", key, "last_updated", delta.last_updated))
+        commands.append(("SADD", COSTS_INDEX, name))
+    return commands

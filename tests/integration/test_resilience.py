@@ -253,6 +253,70 @@ def test_a_flush_lost_to_a_frozen_redis_is_not_counted_twice(
     assert totals["total_cost_usd"] == frozen.json()["gpt-3.5-turbo:baseline"]["total_cost_usd"]
 
 
+BUDGETED_MODELS_YAML = """
+models:
+  gpt-3.5-turbo:
+    name: openai/gpt-3.5-turbo
+    cost_per_1k_input_tokens: 1.0
+    cost_per_1k_output_tokens: 1.0
+variants:
+  baseline: {signature: "question -> answer"}
+budgets:
+  models: {gpt-3.5-turbo: {daily_usd: 1000}}
+"""
+
+
+def test_spend_sent_to_a_redis_that_froze_counts_once_against_the_budget(
+    service_factory: ServiceFactory, sim: Simulator, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A call's spend, sent to a Redis that froze while the call was upstream, is kept and resent once
+    Redis answers; the day's spend in Redis is that call's cost, not twice it."""
+    models = tmp_path / "budgeted.yaml"
+    models.write_text(BUDGETED_MODELS_YAML)
+    service = service_factory(
+        REDIS_URL=own_redis.url,
+        REDIS_TIMEOUT_SECS="0.2",
+        COSTS_FLUSH_INTERVAL_SECS="3600",
+        MODELS_CONFIG=str(models),
+    )
+    sim.configure(latency_ms=1000)
+    assert own_redis.process is not None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # No cache, so the only Redis call before the provider is the budget check.
+        answer = pool.submit(post, service.http, input=unique(), use_cache=False)
+        wait_until(lambda: sim.stats()["calls"] == 1, timeout=10, what="the call to reach the provider")
+        time.sleep(0.7)
+        own_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            response = answer.result(timeout=10)
+            assert response.status_code == 200
+            # The spend went to the frozen Redis right after the call, and its reply never came.
+            wait_until(
+                lambda: service.http.get("/health").json()["redis_connected"] is False,
+                timeout=5,
+                what="the service to find Redis frozen",
+            )
+        finally:
+            own_redis.process.send_signal(signal.SIGCONT)
+    cost = response.json()["metadata"]["cost_usd"]
+    assert cost > 0
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    key = f"dspy-service:v1:spend:{day}:model:gpt-3.5-turbo"
+
+    def spent_in_redis() -> float:
+        return float(own_redis.command("GET", key).split(b"\r\n")[1] or 0)
+
+    wait_until(
+        lambda: service.http.get("/health").json()["redis_connected"],
+        timeout=15,
+        what="the service to see Redis again",
+    )
+    wait_until(lambda: spent_in_redis() > 0, timeout=5, what="the spend to reach Redis")
+    time.sleep(0.5)  # room for a second copy to land, were one sent
+    print(f"\nspend sent to a frozen Redis: {spent_in_redis()} USD in Redis for a call costing {cost}")
+    assert spent_in_redis() == pytest.approx(cost, rel=1e-9)
+
+
 def test_sigterm_lets_in_flight_requests_finish(service_factory: ServiceFactory, sim: Simulator) -> None:
     """SIGTERM during 20 slow requests: all 20 finish with 200, /ready says 503 meanwhile, exit code 0."""
     service = service_factory(SHUTDOWN_GRACE_SECS="20")
