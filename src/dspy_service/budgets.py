@@ -22,7 +22,7 @@ from dspy_service.errors import BudgetExceeded
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
 from dspy_service.models_config import BudgetsConfig
-from dspy_service.redis_batches import BatchWriter, Command, new_token
+from dspy_service.redis_batches import BatchWriter, Command
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 
 SPEND_PREFIX = KEY_PREFIX + "spend:"
@@ -53,10 +53,7 @@ class Budgets:
         self._clock = clock
         self._fleet: dict[str, float] = {}  # Redis key -> last fleet total seen
         self._pending: dict[str, float] = {}  # Redis key -> spend not yet sent to Redis
-        # Spend sent under its token whose outcome Redis has not confirmed.
-        self._in_doubt: tuple[str, dict[str, float]] | None = None
-        self._writer = BatchWriter(link, "budgets") if link is not None else None
-        self._flush_lock = asyncio.Lock()
+        self._writer = BatchWriter(link, "budgets", _increments) if link is not None else None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresh_task: asyncio.Task[None] | None = None
         self._day = ""
@@ -89,8 +86,9 @@ class Budgets:
     def spent(self, scope: str, name: str) -> float:
         """Today's spend as this replica knows it: the fleet's last figure plus what is not sent yet."""
         key = self._key(scope, name)
-        in_doubt = self._in_doubt[1].get(key, 0.0) if self._in_doubt is not None else 0.0
-        return self._fleet.get(key, 0.0) + self._pending.get(key, 0.0) + in_doubt
+        in_doubt = self._writer.in_doubt if self._writer is not None else None
+        unsent = self._pending.get(key, 0.0) + (in_doubt.get(key, 0.0) if in_doubt else 0.0)
+        return self._fleet.get(key, 0.0) + unsent
 
     async def check(self, model: str, tenant: str | None) -> None:
         """Raise BudgetExceeded when the model's or the tenant's budget for today is spent."""
@@ -140,36 +138,25 @@ class Budgets:
         self._fleet[key] = max(self._fleet.get(key, 0.0), total)
 
     async def flush(self) -> bool:
-        """Add unsent spend to Redis (INCRBYFLOAT and EXPIRE, atomically): first the batch in doubt, if
-        any, as it was sent, then what is pending now. True when nothing is left unsent.
+        """Add unsent spend to Redis (INCRBYFLOAT and EXPIRE, atomically); True when nothing is left.
 
         Spend counts in `spent` until Redis has confirmed it, so a check meanwhile counts it (perhaps
         twice, for a moment: the safe side of a budget), never not at all.
         """
-        link, writer = self._link, self._writer
-        if link is None or writer is None or not link.connected:
-            return self._in_doubt is None and not self._pending
-        async with self._flush_lock:
-            for _ in range(2):
-                if self._in_doubt is None:
-                    if not self._pending:
-                        return True
-                    self._in_doubt = (new_token(), self._pending)
-                    self._pending = {}
-                token, batch = self._in_doubt
-                commands: list[Command] = []
-                for key, usd in batch.items():
-                    commands += [("INCRBYFLOAT", key, usd), ("EXPIRE", key, SPEND_EXPIRY_SECS)]
-                applied = await writer.send(token, commands)
-                if applied is None:
-                    return False
-                self._in_doubt = None
-                if applied.replies is None:  # applied by an earlier send, whose totals we never saw
-                    await self._read_fleet(list(batch))
-                else:
-                    for key, total in zip(batch, applied.replies[::2], strict=True):
-                        self._see_fleet(key, float(total))
-            return not self._pending
+        if self._writer is None:
+            return True
+        return await self._writer.flush(self._take_pending, self._applied) and not self._pending
+
+    def _take_pending(self) -> dict[str, float] | None:
+        batch, self._pending = self._pending, {}
+        return batch or None
+
+    async def _applied(self, batch: dict[str, float], replies: list[Any] | None) -> None:
+        if replies is None:  # applied by an earlier send, whose totals we never saw
+            await self._read_fleet(list(batch))
+        else:
+            for key, total in zip(batch, replies[::2], strict=True):
+                self._see_fleet(key, float(total))
 
     async def refresh(self) -> None:
         """Send unsent spend and re-read every budget's figure, so the gauges are right even on an idle
@@ -204,5 +191,13 @@ class Budgets:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if not await self.flush():
-            unsent = set(self._pending) | set(self._in_doubt[1] if self._in_doubt is not None else ())
+            in_doubt = self._writer.in_doubt if self._writer is not None else None
+            unsent = set(self._pending) | set(in_doubt or ())
             _log.warning("budgets.unflushed", entries=len(unsent), detail="Redis unreachable")
+
+
+def _increments(batch: dict[str, float]) -> list[Command]:
+    commands: list[Command] = []
+    for key, usd in batch.items():
+        commands += [("INCRBYFLOAT", key, usd), ("EXPIRE", key, SPEND_EXPIRY_SECS)]
+    return commands

@@ -19,7 +19,7 @@ from typing import Any
 
 from dspy_service.logs import get_logger
 from dspy_service.models_config import ModelSpec
-from dspy_service.redis_batches import BatchWriter, Command, new_token
+from dspy_service.redis_batches import BatchWriter, Command
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 from dspy_service.timefmt import utc_now_iso
 
@@ -143,10 +143,7 @@ class CostLedger:
         self._interval = flush_interval_secs
         self._local: dict[str, CostTotals] = {}
         self._pending: dict[str, CostTotals] = {}
-        # A batch sent under its token whose outcome Redis has not confirmed.
-        self._in_doubt: tuple[str, dict[str, CostTotals]] | None = None
-        self._writer = BatchWriter(link, "costs") if link is not None else None
-        self._flush_lock = asyncio.Lock()
+        self._writer = BatchWriter(link, "costs", _increments) if link is not None else None
         self._task: asyncio.Task[None] | None = None
 
     def record_miss(self, model: str, variant: str, usage: Usage) -> None:
@@ -183,8 +180,8 @@ class CostLedger:
     def _unsent(self) -> dict[str, CostTotals]:
         """What this replica has counted that Redis has not confirmed."""
         unsent: dict[str, CostTotals] = {}
-        batches = [self._pending] if self._in_doubt is None else [self._in_doubt[1], self._pending]
-        for batch in batches:
+        in_doubt = self._writer.in_doubt if self._writer is not None else None
+        for batch in (in_doubt or {}, self._pending):
             for name, delta in batch.items():
                 unsent.setdefault(name, CostTotals()).add(delta)
         return unsent
@@ -213,23 +210,14 @@ class CostLedger:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Add unsent deltas to the fleet totals: first the batch in doubt, if any, as it was sent, then
-        what is pending now. True when nothing is left unsent."""
-        link, writer = self._link, self._writer
-        if link is None or writer is None or not link.connected:
-            return self._in_doubt is None and not self._pending
-        async with self._flush_lock:
-            for _ in range(2):
-                if self._in_doubt is None:
-                    if not self._pending:
-                        return True
-                    self._in_doubt = (new_token(), self._pending)
-                    self._pending = {}
-                token, batch = self._in_doubt
-                if await writer.send(token, _increments(batch)) is None:
-                    return False
-                self._in_doubt = None
-            return not self._pending
+        """Add unsent deltas to the fleet totals; True when nothing is left unsent."""
+        if self._writer is None:
+            return True
+        return await self._writer.flush(self._take_pending) and not self._pending
+
+    def _take_pending(self) -> dict[str, CostTotals] | None:
+        batch, self._pending = self._pending, {}
+        return batch or None
 
     async def snapshot(self) -> tuple[dict[str, dict[str, Any]], str]:
         """Totals per `model:variant` and their scope: "fleet" (from Redis) or "replica"."""

@@ -5,18 +5,18 @@ runs the commands waiting in its socket when it thaws, after we have given up on
 such a batch again would count its spend twice; dropping it would lose spend whenever it really was
 not applied. So every batch goes under a token, and one Lua script checks and records the writer's
 last applied token in the same atomic step as the increments: a resent batch whose token is already
-there is skipped. A writer has at most one batch in doubt at a time (its owner resends that batch,
-unchanged, before anything new), so remembering the last token is enough.
+there is skipped. A writer has at most one batch in doubt at a time (it resends that batch, unchanged,
+before anything new), so remembering the last token is enough.
 
 Redis has no built-in for this (MULTI cannot branch on a value it reads), hence the script.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 
@@ -42,30 +42,54 @@ return result
 """
 
 Command = tuple[str | int | float, ...]
+BatchT = TypeVar("BatchT")
+# Hears of each batch Redis confirmed, with the commands' replies (None: an earlier send applied it).
+OnApplied = Callable[[BatchT, list[Any] | None], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """A batch Redis has confirmed; `replies` is None when it had been applied by an earlier send."""
+class BatchWriter(Generic[BatchT]):
+    """Sends one owner's batches (one ledger in one process), one at a time, each applied once."""
 
-    replies: list[Any] | None
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex
-
-
-class BatchWriter:
-    """Applies batches of commands at most once each, for one writer (one ledger in one process)."""
-
-    def __init__(self, link: RedisLink, purpose: str) -> None:
+    def __init__(
+        self, link: RedisLink, purpose: str, commands: Callable[[BatchT], Sequence[Command]]
+    ) -> None:
         self._link = link
-        self._marker = f"{KEY_PREFIX}batch:{purpose}:{new_token()}"
+        self._commands = commands
+        self._marker = f"{KEY_PREFIX}batch:{purpose}:{uuid.uuid4().hex}"
         self._script = link.client.register_script(_APPLY_ONCE)
+        self._lock = asyncio.Lock()
+        self._in_doubt: tuple[str, BatchT] | None = None
 
-    async def send(self, token: str, commands: Sequence[Command]) -> Applied | None:
-        """Apply `commands` atomically unless `token` was applied already; None if Redis did not
-        confirm either way (the caller keeps the batch and resends it with the same token)."""
+    @property
+    def in_doubt(self) -> BatchT | None:
+        """The batch sent whose outcome Redis has not confirmed: its owner still counts it as unsent."""
+        return None if self._in_doubt is None else self._in_doubt[1]
+
+    async def flush(
+        self, take: Callable[[], BatchT | None], on_applied: OnApplied[BatchT] | None = None
+    ) -> bool:
+        """Resend the batch in doubt, as it was, then send the batch `take` hands over (None: nothing
+        pending). True when Redis has confirmed everything handed over, so nothing is in doubt."""
+        if not self._link.connected:
+            return self._in_doubt is None
+        async with self._lock:
+            for _ in range(2):
+                if self._in_doubt is None:
+                    batch = take()
+                    if batch is None:
+                        return True
+                    self._in_doubt = (uuid.uuid4().hex, batch)
+                token, batch = self._in_doubt
+                sent = await self._send(token, self._commands(batch))
+                if sent is None:
+                    return False
+                self._in_doubt = None
+                if on_applied is not None:
+                    await on_applied(batch, sent[1:] if sent[0] == 1 else None)
+            return True
+
+    async def _send(self, token: str, commands: Sequence[Command]) -> list[Any] | None:
+        """The script's result, or None if Redis did not confirm either way."""
         args: list[str | int | float] = [token, MARKER_EXPIRY_SECS]
         for command in commands:
             args.append(len(command))
@@ -75,7 +99,4 @@ class BatchWriter:
             result: list[Any] = await self._script(keys=[self._marker], args=args, client=client)
             return result
 
-        result = await self._link.call(run)
-        if result is None:
-            return None
-        return Applied(result[1:] if result[0] == 1 else None)
+        return await self._link.call(run)
