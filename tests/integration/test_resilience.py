@@ -5,6 +5,7 @@ Each test prints the counts it saw, so a CI log shows what the clients experienc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import statistics
@@ -46,6 +47,25 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def redis_connected(service: ServiceProcess) -> bool:
+    return bool(service.http.get("/health").json()["redis_connected"])
+
+
+def wait_for_redis(service: ServiceProcess) -> None:
+    wait_until(lambda: redis_connected(service), timeout=15, what="the service to see Redis again")
+
+
+@contextlib.contextmanager
+def frozen(redis: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP) for the block: its sockets stay open and nothing answers."""
+    assert redis.process is not None
+    redis.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
 
 
 def test_breaker_opens_refuses_fast_and_recovers(service_factory: ServiceFactory, sim: Simulator) -> None:
@@ -162,11 +182,7 @@ def test_redis_killed_under_load_costs_no_prediction(
     print(f"\nRedis killed under load: {dict(outcomes)}")
     assert sum(count for key, count in outcomes.items() if key.startswith("200")) == 600
 
-    wait_until(
-        lambda: service.http.get("/health").json()["redis_connected"],
-        timeout=15,
-        what="the service to reconnect to Redis",
-    )
+    wait_for_redis(service)
     question = unique()
     post(service.http, input=question)
     assert post(service.http, input=question).json()["metadata"]["cache_level"] == "redis"
@@ -199,9 +215,7 @@ def test_frozen_redis_delays_no_request_beyond_its_timeout(
 ) -> None:
     """A Redis that stops answering (SIGSTOP) costs a request at most the Redis timeout, then nothing."""
     service = service_factory(REDIS_URL=own_redis.url, REDIS_TIMEOUT_SECS="0.2")
-    assert own_redis.process is not None
-    own_redis.process.send_signal(signal.SIGSTOP)
-    try:
+    with frozen(own_redis):
         durations = []
         for _ in range(20):
             started = time.perf_counter()
@@ -211,15 +225,9 @@ def test_frozen_redis_delays_no_request_beyond_its_timeout(
         print(
             f"\nfrozen Redis: first {durations[0] * 1000:.0f} ms, then max {max(durations[1:]) * 1000:.0f} ms"
         )
-        assert service.http.get("/health").json()["redis_connected"] is False
+        assert not redis_connected(service)
         assert max(durations[1:]) < 0.5  # no Redis wait once it is known to be down
-    finally:
-        own_redis.process.send_signal(signal.SIGCONT)
-    wait_until(
-        lambda: service.http.get("/health").json()["redis_connected"],
-        timeout=15,
-        what="the service to see Redis again",
-    )
+    wait_for_redis(service)
 
 
 def test_a_flush_lost_to_a_frozen_redis_is_not_counted_twice(
@@ -232,25 +240,17 @@ def test_a_flush_lost_to_a_frozen_redis_is_not_counted_twice(
     )
     for _ in range(3):
         assert post(service.http, input=unique()).status_code == 200
-    assert own_redis.process is not None
-    own_redis.process.send_signal(signal.SIGSTOP)
-    try:
+    with frozen(own_redis):
         # /costs flushes first: the flush reaches the frozen Redis's socket, times out, and is kept.
-        frozen = service.http.get("/costs")
-        assert frozen.headers["x-costs-scope"] == "replica"
-    finally:
-        own_redis.process.send_signal(signal.SIGCONT)
-    wait_until(
-        lambda: service.http.get("/health").json()["redis_connected"],
-        timeout=15,
-        what="the service to see Redis again",
-    )
+        during = service.http.get("/costs")
+        assert during.headers["x-costs-scope"] == "replica"
+    wait_for_redis(service)
     thawed = service.http.get("/costs")
     assert thawed.headers["x-costs-scope"] == "fleet"
     totals = thawed.json()["gpt-3.5-turbo:baseline"]
     print(f"\nflush lost to a frozen Redis: fleet totals {totals['total_requests']} requests")
     assert totals["total_requests"] == 3
-    assert totals["total_cost_usd"] == frozen.json()["gpt-3.5-turbo:baseline"]["total_cost_usd"]
+    assert totals["total_cost_usd"] == during.json()["gpt-3.5-turbo:baseline"]["total_cost_usd"]
 
 
 BUDGETED_MODELS_YAML = """
@@ -280,24 +280,18 @@ def test_spend_sent_to_a_redis_that_froze_counts_once_against_the_budget(
         MODELS_CONFIG=str(models),
     )
     sim.configure(latency_ms=1000)
-    assert own_redis.process is not None
     with ThreadPoolExecutor(max_workers=1) as pool:
         # No cache, so the only Redis call before the provider is the budget check.
         answer = pool.submit(post, service.http, input=unique(), use_cache=False)
         wait_until(lambda: sim.stats()["calls"] == 1, timeout=10, what="the call to reach the provider")
         time.sleep(0.7)
-        own_redis.process.send_signal(signal.SIGSTOP)
-        try:
+        with frozen(own_redis):
             response = answer.result(timeout=10)
             assert response.status_code == 200
             # The spend went to the frozen Redis right after the call, and its reply never came.
             wait_until(
-                lambda: service.http.get("/health").json()["redis_connected"] is False,
-                timeout=5,
-                what="the service to find Redis frozen",
+                lambda: not redis_connected(service), timeout=5, what="the service to find Redis frozen"
             )
-        finally:
-            own_redis.process.send_signal(signal.SIGCONT)
     cost = response.json()["metadata"]["cost_usd"]
     assert cost > 0
     day = time.strftime("%Y-%m-%d", time.gmtime())
@@ -306,11 +300,7 @@ def test_spend_sent_to_a_redis_that_froze_counts_once_against_the_budget(
     def spent_in_redis() -> float:
         return float(own_redis.command("GET", key).split(b"\r\n")[1] or 0)
 
-    wait_until(
-        lambda: service.http.get("/health").json()["redis_connected"],
-        timeout=15,
-        what="the service to see Redis again",
-    )
+    wait_for_redis(service)
     wait_until(lambda: spent_in_redis() > 0, timeout=5, what="the spend to reach Redis")
     time.sleep(0.5)  # room for a second copy to land, were one sent
     print(f"\nspend sent to a frozen Redis: {spent_in_redis()} USD in Redis for a call costing {cost}")
