@@ -24,8 +24,9 @@ from dspy_service.redis_link import KEY_PREFIX, RedisLink
 # which follows as soon as Redis answers again; a day is ample and leaves one small key per process.
 MARKER_EXPIRY_SECS = 86_400
 
-# ARGV: token, marker expiry, then each command as its argument count followed by its arguments.
-# Returns {0} when the token was already applied, else {1, reply of each command...}.
+# KEYS: the writer's marker, then each command's key (Redis asks that a script name every key it
+# touches in KEYS). ARGV: token, marker expiry, then for each command its count of further arguments,
+# its name and those arguments. Returns {0} when the token was already applied, else {1, replies...}.
 _APPLY_ONCE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return {0}
@@ -33,15 +34,15 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 local result = {1}
 local i = 3
-while i <= #ARGV do
+for k = 2, #KEYS do
   local count = tonumber(ARGV[i])
-  result[#result + 1] = redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
+  result[#result + 1] = redis.call(ARGV[i + 1], KEYS[k], unpack(ARGV, i + 2, i + 1 + count))
+  i = i + count + 2
 end
 return result
 """
 
-Command = tuple[str | int | float, ...]
+Command = tuple[str | int | float, ...]  # name, key, arguments
 BatchT = TypeVar("BatchT")
 # Hears of each batch Redis confirmed, with the commands' replies (None: an earlier send applied it).
 OnApplied = Callable[[BatchT, list[Any] | None], Awaitable[None]]
@@ -90,13 +91,14 @@ class BatchWriter(Generic[BatchT]):
 
     async def _send(self, token: str, commands: Sequence[Command]) -> list[Any] | None:
         """The script's result, or None if Redis did not confirm either way."""
+        keys = [self._marker]
         args: list[str | int | float] = [token, MARKER_EXPIRY_SECS]
-        for command in commands:
-            args.append(len(command))
-            args.extend(command)
+        for name, key, *rest in commands:
+            keys.append(str(key))
+            args += [len(rest), name, *rest]
 
         async def run(client: Any) -> list[Any]:
-            result: list[Any] = await self._script(keys=[self._marker], args=args, client=client)
+            result: list[Any] = await self._script(keys=keys, args=args, client=client)
             return result
 
         return await self._link.call(run)
