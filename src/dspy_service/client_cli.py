@@ -221,6 +221,12 @@ def format_costs(totals: dict[str, dict[str, Any]], scope: str | None) -> str:
     unpriced = sum(int(row.get("unpriced_requests") or 0) for row in totals.values())
     if unpriced:
         out.append(f"{unpriced} request(s) used a model with no known price; their cost is not included")
+    unmetered = sum(int(row.get("unmetered_calls") or 0) for row in totals.values())
+    if unmetered:
+        out.append(
+            f"{unmetered} provider call(s) were cut off before the provider reported their tokens; "
+            "whatever they cost is not included"
+        )
     if scope:
         out.append(
             f"scope: {scope} ({'every replica, from Redis' if scope == 'fleet' else 'this replica only'})"

@@ -88,6 +88,8 @@ class CostTotals:
     cache_hits: int = 0
     cost_saved_usd: float = 0.0
     unpriced_requests: int = 0
+    # Provider calls cut off before the provider reported their tokens: their spend is unknown.
+    unmetered_calls: int = 0
     last_updated: str | None = None
 
     def add(self, other: CostTotals) -> None:
@@ -98,6 +100,7 @@ class CostTotals:
         self.cache_hits += other.cache_hits
         self.cost_saved_usd += other.cost_saved_usd
         self.unpriced_requests += other.unpriced_requests
+        self.unmetered_calls += other.unmetered_calls
         if other.last_updated and (self.last_updated is None or other.last_updated > self.last_updated):
             self.last_updated = other.last_updated
 
@@ -130,6 +133,7 @@ _INT_FIELDS = (
     "total_output_tokens",
     "cache_hits",
     "unpriced_requests",
+    "unmetered_calls",
 )
 _FLOAT_FIELDS = ("total_cost_usd", "cost_saved_usd")
 
@@ -146,13 +150,14 @@ class CostLedger:
         self._writer = BatchWriter(link, "costs", _increments) if link is not None else None
         self._task: asyncio.Task[None] | None = None
 
-    def record_miss(self, model: str, variant: str, usage: Usage) -> None:
+    def record_miss(self, model: str, variant: str, usage: Usage, unmetered_calls: int = 0) -> None:
         delta = CostTotals(
             total_requests=1,
             total_input_tokens=usage.input_tokens,
             total_output_tokens=usage.output_tokens,
             total_cost_usd=usage.cost_usd or 0.0,
             unpriced_requests=1 if usage.cost_usd is None else 0,
+            unmetered_calls=unmetered_calls,
             last_updated=_now(),
         )
         self._apply(f"{model}:{variant}", delta)

@@ -114,6 +114,13 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.unmetered_calls = Counter(
+            "dspy_unmetered_provider_calls",
+            "Provider calls cut off (timeout, deadline, a stream's client gone) before the provider "
+            "reported their tokens: spend that may have happened and is not in the cost figures.",
+            ["model"],
+            registry=registry,
+        )
         self.budget_spent_ratio = Gauge(
             "dspy_budget_spent_ratio",
             "Share of today's (UTC) budget spent fleet-wide, by scope (model, tenant) and name.",

@@ -88,6 +88,20 @@ class StreamChunk:
     text: str
 
 
+@dataclass(slots=True)
+class _Spend:
+    """What one request's provider calls spent: the tokens the provider reported, per provider
+    model id, and how many calls were cut off before it reported any (spend unknown)."""
+
+    tokens: dict[str, tuple[int, int]]
+    unmetered_calls: int = 0
+
+    def add(self, usage_by_model: dict[str, tuple[int, int]]) -> None:
+        for model_id, (tokens_in, tokens_out) in usage_by_model.items():
+            before_in, before_out = self.tokens.get(model_id, (0, 0))
+            self.tokens[model_id] = (before_in + tokens_in, before_out + tokens_out)
+
+
 class _ChunkQueue:
     """Where a streaming upstream call puts its chunks; remembers whether any went out, because
     after the client has seen part of an answer, retrying or falling back would repeat it."""
@@ -423,7 +437,7 @@ class Predictor:
     async def _produce(
         self, key: str | None, route: _Route, sink: _ChunkQueue | None
     ) -> tuple[CachedAnswer, Usage]:
-        spent: dict[str, tuple[int, int]] = {}
+        spent = _Spend({})
         model_served = route.model.key
         deadline_at = time.monotonic() + self._deadline
         try:
@@ -450,9 +464,11 @@ class Predictor:
             await self._cache.set(key, answer)
         return answer, usage
 
-    def _account(self, route: _Route, spent: dict[str, tuple[int, int]]) -> Usage:
-        """Every token the provider reported for this request, failed attempts included, is counted."""
-        usage = price_usage(spent, self._prices)
+    def _account(self, route: _Route, spent: _Spend) -> Usage:
+        """Every token the provider reported for this request, failed attempts included, is counted,
+        and so is every call cut off before the provider reported its tokens: its spend is unknown,
+        and the totals say so rather than count it as nothing."""
+        usage = price_usage(spent.tokens, self._prices)
         metrics = self._metrics.route(route.model.key, route.program.variant)
         if usage.input_tokens:
             metrics.input_tokens.inc(usage.input_tokens)
@@ -462,8 +478,8 @@ class Predictor:
             metrics.cost.inc(usage.cost_usd)
         for model_id in usage.unpriced_models:
             self._metrics.unpriced.labels(model_id).inc()
-        if spent:
-            self._ledger.record_miss(route.model.key, route.program.variant, usage)
+        if spent.tokens or spent.unmetered_calls:
+            self._ledger.record_miss(route.model.key, route.program.variant, usage, spent.unmetered_calls)
         if self._budgets is not None:
             self._budgets.record(route.model.key, route.tenant, usage.cost_usd)
         return usage
@@ -471,7 +487,7 @@ class Predictor:
     async def _run_with_fallbacks(
         self,
         route: _Route,
-        spent: dict[str, tuple[int, int]],
+        spent: _Spend,
         deadline_at: float,
         sink: _ChunkQueue | None,
     ) -> tuple[Any, str]:
@@ -494,7 +510,7 @@ class Predictor:
         self,
         spec: ModelSpec,
         route: _Route,
-        spent: dict[str, tuple[int, int]],
+        spent: _Spend,
         deadline_at: float,
         sink: _ChunkQueue | None,
     ) -> Any:
@@ -516,9 +532,9 @@ class Predictor:
                     call = self._tracing.lm_call(call, spec.key, spec.name, attempt + 1)
                 run = await call
             except ProgramFailed as failure:
-                for model_id, (tokens_in, tokens_out) in failure.usage_by_model.items():
-                    before_in, before_out = spent.get(model_id, (0, 0))
-                    spent[model_id] = (before_in + tokens_in, before_out + tokens_out)
+                spent.add(failure.usage_by_model)
+                if failure.kind == "timeout":  # sent, and no answer in time: the provider may bill it
+                    self._unmetered(spec, spent)
                 if failure.kind not in _BREAKER_FAILURES:
                     breaker.record_neutral()
                     raise self._client_facing(spec, failure) from None
@@ -534,14 +550,18 @@ class Predictor:
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 breaker.record_neutral()  # cancelled by the deadline: free a half-open trial slot
+                if isinstance(exc, asyncio.CancelledError):  # the deadline, or a stream's client left
+                    self._unmetered(spec, spent)
                 raise
             breaker.record_success()
-            for model_id, (tokens_in, tokens_out) in run.usage_by_model.items():
-                before_in, before_out = spent.get(model_id, (0, 0))
-                spent[model_id] = (before_in + tokens_in, before_out + tokens_out)
+            spent.add(run.usage_by_model)
             return run
+
+    def _unmetered(self, spec: ModelSpec, spent: _Spend) -> None:
+        spent.unmetered_calls += 1
+        self._metrics.unmetered_calls.labels(spec.key).inc()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter; a provider's Retry-After is a floor."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -171,3 +174,84 @@ def test_costs_survive_a_restart_of_the_replica(
     time.sleep(0.1)
     row = second.http.get("/costs").json()["gpt-4:baseline"]
     assert row["total_cost_usd"] == pytest.approx(cost)
+
+
+def _hanging_model_file(tmp_path: Path, *, request_timeout_secs: float, max_retries: int) -> Path:
+    config = {
+        "models": {
+            "slow": {
+                "name": "openai/gpt-4",
+                "request_timeout_secs": request_timeout_secs,
+                "max_retries": max_retries,
+                "cost_per_1k_input_tokens": 0.03,
+                "cost_per_1k_output_tokens": 0.06,
+            }
+        },
+        "variants": {"baseline": {"signature": "question -> answer"}},
+    }
+    path = tmp_path / "models.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("how", "request_timeout_secs", "max_retries", "env", "cut_off"),
+    [
+        # Each attempt times out at the model's timeout, and is retried once: two calls cut off.
+        ("the model's timeout, retried", 0.4, 1, {}, 2),
+        # The request's deadline cancels the one call in flight.
+        ("the request's deadline", 60, 0, {"REQUEST_TIMEOUT_SECS": "1"}, 1),
+    ],
+)
+def test_a_call_cut_off_before_the_provider_reports_tokens_is_counted_never_as_zero(
+    service_factory: ServiceFactory,
+    sim: Simulator,
+    isolated_redis: RedisServer,
+    tmp_path: Path,
+    how: str,
+    request_timeout_secs: float,
+    max_retries: int,
+    env: dict[str, str],
+    cut_off: int,
+) -> None:
+    """A provider call that got no answer may still be billed: /costs, the metric and the CLI say
+    how many such calls there were, instead of letting the zero in the USD figures stand alone."""
+    models = _hanging_model_file(tmp_path, request_timeout_secs=request_timeout_secs, max_retries=max_retries)
+    service = service_factory(MODELS_CONFIG=str(models), **env)
+    sim.configure(hang=True)
+    response = service.http.post("/v1/predict", json={"model": "slow", "input": unique()})
+    assert response.status_code == 504, response.text
+    assert sim.stats()["calls"] == cut_off
+    row = service.http.get("/costs").json()["slow:baseline"]
+    print(f"\ncut off by {how}: /costs row {row}")
+    assert row["unmetered_calls"] == cut_off
+    assert row["total_requests"] == 1
+    assert row["total_cost_usd"] == 0
+    metrics = service.http.get("/metrics").text
+    assert metric_value(metrics, "dspy_unmetered_provider_calls_total", model="slow") == cut_off
+    shown = subprocess.run(
+        [sys.executable, "-m", "dspy_service.cli", "costs"],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("DSPY_SERVICE_")},
+            "DSPY_SERVICE_URL": service.url,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert f"{cut_off} provider call(s) were cut off before the provider reported their tokens" in shown
+
+
+def test_a_call_that_answers_is_not_counted_as_cut_off(
+    service_factory: ServiceFactory, sim: Simulator, isolated_redis: RedisServer, tmp_path: Path
+) -> None:
+    """The count is of calls cut off, not of calls: one that answers in time adds nothing to it."""
+    models = _hanging_model_file(tmp_path, request_timeout_secs=5, max_retries=0)
+    service = service_factory(MODELS_CONFIG=str(models))
+    ask(service, input=unique(), model="slow")
+    row = service.http.get("/costs").json()["slow:baseline"]
+    assert row["unmetered_calls"] == 0
+    assert row["total_cost_usd"] > 0
+    metrics = service.http.get("/metrics").text
+    assert metric_value(metrics, "dspy_unmetered_provider_calls_total", model="slow") == 0

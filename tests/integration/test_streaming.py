@@ -200,6 +200,7 @@ def test_a_client_that_hangs_up_frees_the_upstream_call(
     sim.configure(stream_chunk_ms=300)  # several seconds for the whole answer
     body = {"model": "gpt-4", "variant": "cot", "input": unique("long answer")}
     disconnects_before = metric_value(shared_service, "dspy_errors_total", type="client_disconnected")
+    unmetered_before = metric_value(shared_service, "dspy_unmetered_provider_calls_total", model="gpt-4")
     with (
         httpx.Client(base_url=shared_service.url, timeout=30) as client,
         client.stream("POST", "/v1/predict/stream", json=body) as response,
@@ -222,6 +223,11 @@ def test_a_client_that_hangs_up_frees_the_upstream_call(
     assert (
         metric_value(shared_service, "dspy_errors_total", type="client_disconnected")
         == disconnects_before + 1
+    )
+    # The provider never reported the abandoned stream's tokens: the call is counted as cut off.
+    assert (
+        metric_value(shared_service, "dspy_unmetered_provider_calls_total", model="gpt-4")
+        == unmetered_before + 1
     )
     line = next(
         entry

@@ -189,6 +189,7 @@ _COST_TOTALS = {
         "cache_hits": {"type": "integer", "minimum": 0},
         "cost_saved_usd": {"type": "number"},
         "unpriced_requests": {"type": "integer", "minimum": 0},
+        "unmetered_calls": {"type": "integer", "minimum": 0},
         "last_updated": {"type": ["string", "null"]},
     },
 }
