@@ -116,8 +116,9 @@ class Metrics:
         )
         self.unmetered_calls = Counter(
             "dspy_unmetered_provider_calls",
-            "Provider calls cut off (timeout, deadline, a stream's client gone) before the provider "
-            "reported their tokens: spend that may have happened and is not in the cost figures.",
+            "Provider calls cut off after reaching the provider (timeout, dropped connection, deadline, a "
+            "stream's client gone) before it reported their tokens: spend that may have happened and is "
+            "not in the cost figures.",
             ["model"],
             registry=registry,
         )

@@ -49,6 +49,8 @@ _log = get_logger("dspy_service.predictor")
 
 # Failures that say the provider is unwell: they count against its breaker and may be retried.
 _BREAKER_FAILURES = frozenset({"timeout", "transport", "server", "rate_limit"})
+# Failures that can strike after the provider has the request and before it reports the tokens.
+_UNMETERED_FAILURES = frozenset({"timeout", "transport"})
 _BACKOFF_BASE_SECS = 0.2
 _BACKOFF_CAP_SECS = 5.0
 
@@ -533,8 +535,8 @@ class Predictor:
                 run = await call
             except ProgramFailed as failure:
                 spent.add(failure.usage_by_model)
-                if failure.kind == "timeout":  # sent, and no answer in time: the provider may bill it
-                    self._unmetered(spec, spent)
+                if failure.kind in _UNMETERED_FAILURES and failure.connected:
+                    self._unmetered(spec, spent)  # sent, and the answer lost: the provider may bill it
                 if failure.kind not in _BREAKER_FAILURES:
                     breaker.record_neutral()
                     raise self._client_facing(spec, failure) from None

@@ -345,6 +345,7 @@ class ProgramFailed(Exception):
         *,
         status: int | None = None,
         retry_after: float | None = None,
+        connected: bool = True,
     ) -> None:
         super().__init__(message)
         self.kind: FailureKind = kind
@@ -352,6 +353,8 @@ class ProgramFailed(Exception):
         self.usage_by_model = usage_by_model
         self.status = status
         self.retry_after = retry_after
+        # False when no connection to the provider was made: nothing was sent, so nothing was spent.
+        self.connected = connected
 
 
 def _usage_totals(tracker: Any) -> dict[str, tuple[int, int]]:
@@ -361,20 +364,29 @@ def _usage_totals(tracker: Any) -> dict[str, tuple[int, int]]:
     return totals
 
 
-def _caused_by_timeout(exc: BaseException) -> bool:
-    """DSPy reports a read timeout as a transport error; the cause chain says it was a timeout."""
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what it was raised from (DSPy wraps lm15's transport errors), nearest first."""
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
-            return False
-        if isinstance(seen, TimeoutError) or type(seen).__name__ in (
-            "ReadTimeout",
-            "WriteTimeout",
-            "ConnectTimeout",
-        ):
-            return True
+            return
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def _caused_by_timeout(exc: BaseException) -> bool:
+    """DSPy reports a read timeout as a transport error; the cause chain says it was a timeout."""
+    return any(
+        isinstance(seen, TimeoutError)
+        or type(seen).__name__ in ("ReadTimeout", "WriteTimeout", "ConnectTimeout")
+        for seen in _causes(exc)
+    )
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """lm15 raises ConnectError (ConnectTimeout among them) when no connection was made; matched by
+    name, as `_caused_by_timeout` does, so that a DSPy upgrade moving the class cannot break it."""
+    return any(any(cls.__name__ == "ConnectError" for cls in type(seen).__mro__) for seen in _causes(exc))
 
 
 def _classify(exc: Exception) -> FailureKind:
@@ -446,6 +458,7 @@ def _failure(exc: Exception, tracker: Any) -> ProgramFailed:
             _usage_totals(tracker),
             status=getattr(exc, "status", None),
             retry_after=getattr(exc, "retry_after", None),
+            connected=not _never_connected(exc),
         )
     return ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", _usage_totals(tracker))
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import ServiceFactory
-from tests.support.processes import RedisServer, ServiceProcess, Simulator, wait_until
+from tests.support.processes import LOOPBACK, RedisServer, ServiceProcess, Simulator, free_port, wait_until
 
 GPT4_IN, GPT4_OUT = 0.03 / 1000, 0.06 / 1000
 
@@ -176,17 +176,20 @@ def test_costs_survive_a_restart_of_the_replica(
     assert row["total_cost_usd"] == pytest.approx(cost)
 
 
-def _hanging_model_file(tmp_path: Path, *, request_timeout_secs: float, max_retries: int) -> Path:
+def _hanging_model_file(
+    tmp_path: Path, *, request_timeout_secs: float, max_retries: int, api_base: str | None = None
+) -> Path:
+    model: dict[str, Any] = {
+        "name": "openai/gpt-4",
+        "request_timeout_secs": request_timeout_secs,
+        "max_retries": max_retries,
+        "cost_per_1k_input_tokens": 0.03,
+        "cost_per_1k_output_tokens": 0.06,
+    }
+    if api_base is not None:
+        model["api_base"] = api_base
     config = {
-        "models": {
-            "slow": {
-                "name": "openai/gpt-4",
-                "request_timeout_secs": request_timeout_secs,
-                "max_retries": max_retries,
-                "cost_per_1k_input_tokens": 0.03,
-                "cost_per_1k_output_tokens": 0.06,
-            }
-        },
+        "models": {"slow": model},
         "variants": {"baseline": {"signature": "question -> answer"}},
     }
     path = tmp_path / "models.yaml"
@@ -253,5 +256,22 @@ def test_a_call_that_answers_is_not_counted_as_cut_off(
     row = service.http.get("/costs").json()["slow:baseline"]
     assert row["unmetered_calls"] == 0
     assert row["total_cost_usd"] > 0
+    metrics = service.http.get("/metrics").text
+    assert metric_value(metrics, "dspy_unmetered_provider_calls_total", model="slow") == 0
+
+
+def test_a_provider_never_reached_is_not_counted_as_cut_off(
+    service_factory: ServiceFactory, isolated_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A call that could not connect sent nothing, so it cannot have been billed: it fails, and the
+    totals do not claim unknown spend for it."""
+    nobody = f"http://{LOOPBACK}:{free_port()}/v1"  # no one listens there: connection refused
+    models = _hanging_model_file(tmp_path, request_timeout_secs=5, max_retries=1, api_base=nobody)
+    service = service_factory(MODELS_CONFIG=str(models))
+    response = service.http.post("/v1/predict", json={"model": "slow", "input": unique()})
+    print(f"\nprovider not listening: {response.status_code} {response.json()['error']}")
+    assert response.status_code == 502, response.text
+    row = service.http.get("/costs").json().get("slow:baseline", {"unmetered_calls": 0})
+    assert row["unmetered_calls"] == 0
     metrics = service.http.get("/metrics").text
     assert metric_value(metrics, "dspy_unmetered_provider_calls_total", model="slow") == 0

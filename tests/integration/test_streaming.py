@@ -176,6 +176,7 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_no_retry(
     """Once the client holds part of an answer, a retry would repeat it: the stream ends with `error`."""
     sim.configure(stream_break_after=7)  # "[[ ## answer ## ]]" is the first five
     body = {"model": "gpt-4", "variant": "baseline", "input": unique("cut off")}
+    unmetered_before = metric_value(shared_service, "dspy_unmetered_provider_calls_total", model="gpt-4")
     response, events = stream(shared_service, body)
     print(f"cut-off stream: {[kind for kind, _ in events]}")
     assert response.status_code == 200
@@ -187,6 +188,11 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_no_retry(
     assert error["type"] == "provider_error"
     assert error["request_id"] == response.headers["x-request-id"]
     assert sim.stats()["calls"] == 1, "a stream the client had started reading was retried"
+    # The provider had the request and never reported its tokens: the call counts as cut off.
+    assert (
+        metric_value(shared_service, "dspy_unmetered_provider_calls_total", model="gpt-4")
+        == unmetered_before + 1
+    )
     # Nothing half-done was cached: the next request goes to the provider again.
     sim.configure(stream_break_after=None)
     after = shared_service.http.post("/v1/predict", json=body).json()
