@@ -180,6 +180,16 @@ def _predict(client: httpx.Client, args: argparse.Namespace) -> None:
         )
 
 
+# The /costs counts that make its USD figures a floor, and what the table says of each.
+_UNCOUNTED_SPEND = (
+    ("unpriced_requests", "request(s) used a model with no known price; their cost is not included"),
+    (
+        "unmetered_calls",
+        "provider call(s) were cut off before the provider reported their tokens; "
+        "whatever they cost is not included",
+    ),
+)
+
 COST_COLUMNS = (
     ("model:variant", None),
     ("requests", "total_requests"),
@@ -218,15 +228,10 @@ def format_costs(totals: dict[str, dict[str, Any]], scope: str | None) -> str:
 
     out = [line(header), "  ".join("-" * width for width in widths)]
     out += [line(cells) for cells in rows]
-    unpriced = sum(int(row.get("unpriced_requests") or 0) for row in totals.values())
-    if unpriced:
-        out.append(f"{unpriced} request(s) used a model with no known price; their cost is not included")
-    unmetered = sum(int(row.get("unmetered_calls") or 0) for row in totals.values())
-    if unmetered:
-        out.append(
-            f"{unmetered} provider call(s) were cut off before the provider reported their tokens; "
-            "whatever they cost is not included"
-        )
+    for field, says in _UNCOUNTED_SPEND:
+        count = sum(int(row.get(field) or 0) for row in totals.values())
+        if count:
+            out.append(f"{count} {says}")
     if scope:
         out.append(
             f"scope: {scope} ({'every replica, from Redis' if scope == 'fleet' else 'this replica only'})"
