@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,25 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.support.processes import LOOPBACK, ServiceProcess, Simulator, free_port
+from tests.support.processes import LOOPBACK, ServiceProcess, Simulator, free_port, run_cli
 
 
 def unique(text: str = "question") -> str:
     return f"{text} {uuid.uuid4().hex}"
-
-
-def run_cli(*args: str, url: str | None, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_SERVICE_")}
-    if url is not None:
-        environment["DSPY_SERVICE_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "dspy_service.cli", *args],
-        env={**environment, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_predict_prints_the_answer(shared_service: ServiceProcess, sim: Simulator) -> None:

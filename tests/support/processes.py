@@ -24,6 +24,22 @@ from dspy_service.settings import service_environment
 LOOPBACK = "127.0.0.1"
 
 
+def run_cli(*args: str, url: str | None, **env: str) -> subprocess.CompletedProcess[str]:
+    """The client CLI (`dspy-service ...`) as a subprocess, pointed at `url`, with none of the
+    caller's own DSPY_SERVICE_* settings."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_SERVICE_")}
+    if url is not None:
+        environment["DSPY_SERVICE_URL"] = url
+    return subprocess.run(
+        [sys.executable, "-m", "dspy_service.cli", *args],
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
