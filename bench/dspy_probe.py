@@ -9,7 +9,7 @@ Run as `python -m bench.dspy_probe --api-base URL --calls N --body-out FILE`; pr
    at once), with DSPy configured as the service configures it (no DSPy cache, no history). Process
    CPU time (time.process_time, all threads) is read around each call. The loop runs three times: plain,
    with usage tracking (`dspy.context(track_usage=True)` + `dspy.track_usage()`), and through the
-   service's own `programs.run_program` with the LM the service builds (`programs._build_lm`): DSPy's
+   service's own `programs.run_program` with the LM the service builds (`programs.lms._build_lm`): DSPy's
    cost as the service pays it, without HTTP serving, cache, metrics or logs.
 """
 
@@ -107,10 +107,11 @@ async def measure_cpu(api_base: str, calls: int, warmup: int) -> dict[str, Any]:
 
     from dspy_service import programs
     from dspy_service.models_config import ModelSpec, VariantSpec
+    from dspy_service.programs import lms
 
     lm = _make_lm(api_base)
     program = dspy.Predict(SIGNATURE)
-    service_lm = programs._build_lm(ModelSpec(key="probe", name=MODEL), api_key="bench", api_base=api_base)
+    service_lm = lms._build_lm(ModelSpec(key="probe", name=MODEL), api_key="bench", api_base=api_base)
     loaded = programs.load_program(VariantSpec(key="probe", signature=SIGNATURE), "probe")
     results: dict[str, Any] = {}
     for mode in ("plain", "track_usage", "run_program"):

@@ -31,36 +31,47 @@ def cache_key(
     model_id: str,
     variant: str,
     program_fingerprint: str,
-    input_text: str,
+    inputs: dict[str, Any],
     parameters: dict[str, Any],
 ) -> str:
     """One hash over everything that changes the answer, with `parameters` in canonical (sorted) form.
 
     `model_id` is the provider model behind the public name and `program_fingerprint` the hash of the
-    program's state, so a re-pointed model or a re-optimized program never serves old answers.
+    program's code and state, so a re-pointed model or a re-optimized program never serves old
+    answers. `inputs` are the program's inputs in canonical form (validated, as JSON), so `input`
+    and the equivalent `inputs` share a key.
     """
     material = orjson.dumps(
-        [model, model_id, variant, program_fingerprint, input_text, parameters], option=orjson.OPT_SORT_KEYS
+        [model, model_id, variant, program_fingerprint, inputs, parameters], option=orjson.OPT_SORT_KEYS
     )
     return hashlib.blake2b(material, digest_size=20).hexdigest()
 
 
+_FORMAT = 2  # of a cached answer's bytes: entries of another format are misses
+
+
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
-    """What a prediction produced, as the cache keeps it."""
+    """What a prediction produced, as the cache keeps it: every output field once, and which of
+    them is the response's `output`."""
 
     outputs: dict[str, Any]
-    output: Any
+    main_output: str | None
     model_served: str
     input_tokens: int
     output_tokens: int
     cost_usd: float | None
 
+    @property
+    def output(self) -> Any:
+        return self.outputs.get(self.main_output) if self.main_output is not None else None
+
     def to_bytes(self) -> bytes:
         return orjson.dumps(
             [
+                _FORMAT,
                 self.outputs,
-                self.output,
+                self.main_output,
                 self.model_served,
                 self.input_tokens,
                 self.output_tokens,
@@ -70,8 +81,10 @@ class CachedAnswer:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CachedAnswer:
-        outputs, output, model_served, input_tokens, output_tokens, cost_usd = orjson.loads(raw)
-        return cls(outputs, output, model_served, int(input_tokens), int(output_tokens), cost_usd)
+        version, outputs, main_output, model_served, input_tokens, output_tokens, cost_usd = orjson.loads(raw)
+        if version != _FORMAT or not isinstance(outputs, dict):
+            raise ValueError(f"cached answer of format {version!r}")
+        return cls(outputs, main_output, model_served, int(input_tokens), int(output_tokens), cost_usd)
 
 
 class MemoryCache:

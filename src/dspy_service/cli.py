@@ -68,7 +68,7 @@ class GracefulServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_started is not None and not self.should_exit:
-            in_flight = self._lifecycle.in_flight
+            in_flight = self._lifecycle.busy
             waited = time.monotonic() - self._drain_started
             if in_flight == 0 or waited >= self._grace:
                 _log.info("service.drained", waited_secs=round(waited, 3), still_in_flight=in_flight)

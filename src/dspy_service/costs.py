@@ -58,12 +58,13 @@ class Usage:
     unpriced_models: tuple[str, ...] = ()
 
 
-def price_usage(usage_by_model: dict[str, tuple[int, int]], prices: PriceLookup) -> Usage:
-    """Sum tokens over the LMs a program called and price each LM's share with its own price."""
+def price_usage(usage_by_model: dict[str, tuple[int, int, int]], prices: PriceLookup) -> Usage:
+    """Sum tokens over the LMs a program called and price each LM's share with its own price
+    (`usage_by_model`: provider model id -> input tokens, output tokens, calls)."""
     total_in = total_out = 0
     cost: float | None = 0.0
     unpriced: list[str] = []
-    for model_id, (input_tokens, output_tokens) in usage_by_model.items():
+    for model_id, (input_tokens, output_tokens, _) in usage_by_model.items():
         total_in += input_tokens
         total_out += output_tokens
         price = prices(model_id)
@@ -150,13 +151,17 @@ class CostLedger:
         self._writer = BatchWriter(link, "costs", _increments) if link is not None else None
         self._task: asyncio.Task[None] | None = None
 
-    def record_miss(self, model: str, variant: str, usage: Usage, unmetered_calls: int = 0) -> None:
+    def record_miss(
+        self, model: str, variant: str, usage: Usage, unmetered_calls: int = 0, *, requests: int = 1
+    ) -> None:
+        """A request's spend on `model` (requests=0: the spend of a model the request's program pinned
+        a predictor to, counted on that model's row; the request is counted on its own model's)."""
         delta = CostTotals(
-            total_requests=1,
+            total_requests=requests,
             total_input_tokens=usage.input_tokens,
             total_output_tokens=usage.output_tokens,
             total_cost_usd=usage.cost_usd or 0.0,
-            unpriced_requests=1 if usage.cost_usd is None else 0,
+            unpriced_requests=requests if usage.cost_usd is None else 0,
             unmetered_calls=unmetered_calls,
             last_updated=_now(),
         )

@@ -129,6 +129,20 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.tool_calls = Counter(
+            "dspy_tool_calls",
+            "Tool calls made by programs (ReAct and other tool users), by variant, tool and status "
+            "(ok, or error when the tool raised: the program sees the error, the request does not fail).",
+            ["variant", "tool", "status"],
+            registry=registry,
+        )
+        self.program_threads_busy = Gauge(
+            "dspy_program_threads_busy",
+            "Threads running programs that have only a synchronous forward (PROGRAM_THREADS is the "
+            "pool's size); a thread past its request's deadline counts until it returns.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.cache_hit_memory = self.cache_operations.labels("memory", "hit")
         self.cache_miss_memory = self.cache_operations.labels("memory", "miss")
         self.cache_hit_redis = self.cache_operations.labels("redis", "hit")

@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dspy_service.errors import ConfigError
 from dspy_service.experiments import normalize_weights
 
-ModuleKind = Literal["predict", "chain_of_thought"]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,26 +44,61 @@ class ModelSpec(_Strict):
         return self.cost_per_1k_input_tokens is not None
 
 
-class VariantSpec(_Strict):
-    """A DSPy program: a signature run by a module, optionally with the state of an optimized program.
+# Built-in module names of the signature kind, and the DSPy class each one builds.
+BUILT_IN_MODULES = ("predict", "chain_of_thought")
+ProgramKind = Literal["signature", "module", "saved"]
+IMPORT_PATH_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
-    `program` is a JSON file written by DSPy's `module.save("x.json")` (demos, instructions): its state is
-    loaded into the module built from `signature` and `module`, which describe the program's shape.
+
+class VariantSpec(_Strict):
+    """A DSPy program, in one of three kinds:
+
+    - signature: `signature` run by a built-in `module` (predict, chain_of_thought);
+    - module: `module: "package.module:attribute"`, a dspy.Module subclass (built with no arguments)
+      or a zero-argument factory returning one, imported from PROGRAMS_PATH or installed packages;
+    - saved: `saved: dir/`, a whole program written by `module.save(dir, save_program=True)`
+      (cloudpickle: loading runs code from the file, so `trust_pickle: true` must say it is trusted).
+
+    `program` is a JSON state file written by DSPy's `module.save("x.json")` (demos, instructions),
+    loaded into the module built from the spec. `models` pins named predictors (or a prefix of their
+    names) to models of this file; `output_field` names the output that becomes the response's `output`.
     """
 
     key: str = ""
-    signature: str
-    module: ModuleKind = "predict"
+    signature: str | None = None
+    module: str = "predict"
     instructions: str | None = None
     program: Path | None = None
+    saved: Path | None = None
+    trust_pickle: bool = False
+    models: dict[str, str] = Field(default_factory=dict)
+    output_field: str | None = None
+
+    @property
+    def kind(self) -> ProgramKind:
+        if self.saved is not None:
+            return "saved"
+        return "module" if ":" in self.module else "signature"
 
     @field_validator("signature")
     @classmethod
-    def _looks_like_signature(cls, value: str) -> str:
+    def _looks_like_signature(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         inputs, arrow, outputs = value.partition("->")
         if not arrow or not inputs.strip() or not outputs.strip():
             raise ValueError(f"signature {value!r} must look like 'inputs -> outputs'")
         return value
+
+    @field_validator("module")
+    @classmethod
+    def _known_module(cls, value: str) -> str:
+        if value in BUILT_IN_MODULES or re.match(IMPORT_PATH_PATTERN, value):
+            return value
+        raise ValueError(
+            f"module {value!r} must be one of {', '.join(BUILT_IN_MODULES)} "
+            "or an import path 'package.module:attribute'"
+        )
 
     @field_validator("program")
     @classmethod
@@ -73,6 +106,31 @@ class VariantSpec(_Strict):
         if value is not None and value.suffix != ".json":
             raise ValueError(f"program {str(value)!r} must be a .json file saved with DSPy's module.save()")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VariantSpec:
+        kind = self.kind
+        if kind == "signature" and self.signature is None:
+            raise ValueError("give a signature ('inputs -> outputs'), a module import path, or saved")
+        if kind != "signature" and self.signature is not None:
+            raise ValueError(
+                f"signature belongs to predict/chain_of_thought variants, not to a {kind} program"
+            )
+        if kind != "signature" and self.instructions is not None:
+            raise ValueError(
+                f"instructions belong to predict/chain_of_thought variants, not to a {kind} program"
+            )
+        if kind == "saved":
+            if self.module != "predict":
+                raise ValueError("give saved or module, not both")
+            if self.program is not None:
+                raise ValueError("a saved program carries its own state: program does not apply")
+            if not self.trust_pickle:
+                raise ValueError(
+                    "saved: loading a program saved with save_program=True runs code from its file "
+                    "(cloudpickle); set trust_pickle: true if you trust where it came from"
+                )
+        return self
 
 
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
@@ -135,6 +193,10 @@ class ModelsConfig(_Strict):
                     raise ValueError(f"models.{key}.fallbacks names unknown model {fallback!r}")
                 if fallback == key:
                     raise ValueError(f"models.{key}.fallbacks names the model itself")
+        for key, variant_spec in self.variants.items():
+            for prefix, pinned in variant_spec.models.items():
+                if pinned not in self.models:
+                    raise ValueError(f"variants.{key}.models.{prefix} names unknown model {pinned!r}")
         for variant in self.ab_weights:
             if variant not in self.variants:
                 raise ValueError(f"ab_weights names unknown variant {variant!r}")
@@ -174,13 +236,22 @@ def load_models_config(path: Path) -> ModelsConfig:
 
 
 def _resolve_program_paths(config: ModelsConfig, base: Path) -> ModelsConfig:
-    """Saved-program paths are relative to the models file; each must exist."""
+    """State files and saved-program directories are relative to the models file; each must exist."""
     variants = {}
     for key, variant in config.variants.items():
+        update: dict[str, Path] = {}
         if variant.program is not None:
             program = variant.program if variant.program.is_absolute() else base / variant.program
             if not program.is_file():
                 raise ConfigError(f"{config.source}: variants.{key}.program: no such file {program}")
-            variant = variant.model_copy(update={"program": program})
-        variants[key] = variant
+            update["program"] = program
+        if variant.saved is not None:
+            saved = variant.saved if variant.saved.is_absolute() else base / variant.saved
+            if not (saved / "program.pkl").is_file():
+                raise ConfigError(
+                    f"{config.source}: variants.{key}.saved: {saved} is not a directory written by "
+                    "module.save(path, save_program=True) (no program.pkl in it)"
+                )
+            update["saved"] = saved
+        variants[key] = variant.model_copy(update=update) if update else variant
     return config.model_copy(update={"variants": variants})

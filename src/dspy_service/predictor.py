@@ -36,13 +36,17 @@ from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics, RouteMetrics
 from dspy_service.models_config import ModelsConfig, ModelSpec
 from dspy_service.programs import (
-    LM_OPTIONS,
     LanguageModels,
-    LoadedProgram,
     ProgramFailed,
+    ProgramRun,
+    ProgramThreads,
+    UsageByModel,
     run_program,
     stream_program,
 )
+from dspy_service.programs import LoadedProgram as LoadedProgram
+from dspy_service.results import ModelUsage, Prediction, StreamChunk
+from dspy_service.routing import PredictionInput, Route, split_parameters
 from dspy_service.tracing import Tracing
 
 _log = get_logger("dspy_service.predictor")
@@ -55,53 +59,26 @@ _BACKOFF_BASE_SECS = 0.2
 _BACKOFF_CAP_SECS = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class PredictionInput:
-    model: str
-    variant: str | None
-    input: str
-    parameters: dict[str, Any]
-    use_cache: bool
-    user_id: str | None = None  # with A/B testing on, keeps a user on one variant
-    tenant: str | None = None  # from the API key; its daily budget applies
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    model: str
-    model_served: str
-    variant: str
-    output: Any
-    outputs: dict[str, Any]
-    cache_level: str | None
-    coalesced: bool
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float | None
-    cost_saved_usd: float | None
-    latency_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class StreamChunk:
-    """Text of one output field, as the provider sends it (a cache hit is one chunk of the whole)."""
-
-    field: str
-    text: str
-
-
 @dataclass(slots=True)
 class _Spend:
     """What one request's provider calls spent: the tokens the provider reported, per provider
     model id, and how many calls were cut off before it reported any (spend unknown)."""
 
-    tokens: dict[str, tuple[int, int]]
+    tokens: UsageByModel
     unmetered_calls: int = 0
 
-    def add(self, usage_by_model: dict[str, tuple[int, int]]) -> None:
-        for model_id, (tokens_in, tokens_out) in usage_by_model.items():
-            before_in, before_out = self.tokens.get(model_id, (0, 0))
-            self.tokens[model_id] = (before_in + tokens_in, before_out + tokens_out)
+    def add(self, usage_by_model: UsageByModel) -> None:
+        for model_id, (tokens_in, tokens_out, calls) in usage_by_model.items():
+            before_in, before_out, before_calls = self.tokens.get(model_id, (0, 0, 0))
+            self.tokens[model_id] = (before_in + tokens_in, before_out + tokens_out, before_calls + calls)
+
+
+@dataclass(frozen=True, slots=True)
+class _Spent:
+    """A request's spend priced: in all, and per public model name."""
+
+    total: Usage
+    by_model: dict[str, ModelUsage]
 
 
 class _ChunkQueue:
@@ -114,51 +91,9 @@ class _ChunkQueue:
         self.emitted = False
         self.queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()  # None: the call is over
 
-    def __call__(self, field: str, text: str) -> None:
+    def __call__(self, predictor: str, field: str, text: str) -> None:
         self.emitted = True
-        self.queue.put_nowait(StreamChunk(field, text))
-
-
-@dataclass(frozen=True, slots=True)
-class _Route:
-    model: ModelSpec
-    program: LoadedProgram
-    inputs: dict[str, Any]
-    lm_options: dict[str, Any]
-    tenant: str | None = None
-
-
-def _check_lm_option(name: str, value: Any) -> Any:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if name in ("max_tokens", "seed") and isinstance(value, float) and value.is_integer():
-        # 5.0 is an integer in JSON Schema's eyes, so in ours (within 64 bits, as integers are)
-        value = int(value) if abs(value) < 2**63 else value
-    if name == "temperature" and number and 0 <= value <= 2:
-        return float(value)
-    if name == "top_p" and number and 0 <= value <= 1:
-        return float(value)
-    if (
-        name == "max_tokens"
-        and isinstance(value, int)
-        and not isinstance(value, bool)
-        and 1 <= value <= 32_768
-    ):
-        return value
-    if name == "seed" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if name == "stop" and (
-        (isinstance(value, str) and value)  # DSPy refuses empty stop sequences
-        or (isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) and s for s in value))
-    ):
-        return value
-    expected = {
-        "temperature": "a number from 0 to 2",
-        "top_p": "a number from 0 to 1",
-        "max_tokens": "an integer from 1 to 32768",
-        "seed": "an integer",
-        "stop": "a non-empty string or a list of up to 4 of them",
-    }[name]
-    raise InvalidRequest(f"parameters.{name} must be {expected}")
+        self.queue.put_nowait(StreamChunk(field=field, text=text, predictor=predictor))
 
 
 class Predictor:
@@ -175,9 +110,11 @@ class Predictor:
         prices: PriceLookup,
         request_timeout_secs: float,
         max_in_flight: int,
+        threads: ProgramThreads,
         budgets: Budgets | None = None,
         tracing: Tracing | None = None,
     ) -> None:
+        self._threads = threads  # runs programs that have only a synchronous forward
         self._budgets = budgets  # daily spend budgets: checked before a miss goes upstream
         self._tracing = tracing  # None: tracing is off
         self._config = config
@@ -190,7 +127,7 @@ class Predictor:
         self._prices = prices
         self._deadline = request_timeout_secs
         self._max_in_flight = max_in_flight
-        self._upstream: dict[str, asyncio.Task[tuple[CachedAnswer, Usage]]] = {}
+        self._upstream: dict[str, asyncio.Task[tuple[CachedAnswer, _Spent]]] = {}
         self._upstream_count = 0
         self._random = random.Random()
         self._assigner = build_assigner(config.ab_testing_enabled, config.ab_weights)
@@ -199,46 +136,46 @@ class Predictor:
     def upstream_in_flight(self) -> int:
         return self._upstream_count
 
-    def _route(self, request: PredictionInput) -> _Route:
-        model = self._config.models.get(request.model)
+    def replace_programs(
+        self, config: ModelsConfig, programs: dict[str, LoadedProgram], lms: LanguageModels
+    ) -> None:
+        """Serve a reloaded models file from now on; requests in flight finish on what they routed to.
+        Breakers of models that are kept survive (the caller adds the new ones)."""
+        self._config, self._programs, self._lms = config, programs, lms
+        self._assigner = build_assigner(config.ab_testing_enabled, config.ab_weights)
+
+    def _route(self, request: PredictionInput) -> Route:
+        config = self._config
+        model = config.models.get(request.model)
         if model is None:
-            raise NotFound(
-                f"unknown model {request.model!r}; known: {', '.join(sorted(self._config.models))}"
-            )
+            raise NotFound(f"unknown model {request.model!r}; known: {', '.join(sorted(config.models))}")
         variant = request.variant or (
-            self._assigner.assign(request.user_id) if self._assigner else self._config.default_variant
+            self._assigner.assign(request.user_id) if self._assigner else config.default_variant
         )
         program = self._programs.get(variant)
         if program is None:
             raise NotFound(f"unknown variant {variant!r}; known: {', '.join(sorted(self._programs))}")
-        inputs: dict[str, Any] = {program.input_fields[0]: request.input}
-        lm_options: dict[str, Any] = {}
-        for name, value in request.parameters.items():
-            if name in LM_OPTIONS:
-                lm_options[name] = _check_lm_option(name, value)
-            elif name in program.input_fields[1:]:
-                inputs[name] = value
-            else:
-                allowed = sorted(LM_OPTIONS | set(program.input_fields[1:]))
-                raise InvalidRequest(
-                    f"parameters.{name} is not an LM option or an input field of variant {variant!r}; "
-                    f"allowed: {', '.join(allowed)}"
-                )
-        missing = [name for name in program.input_fields[1:] if name not in inputs]
-        if missing:
-            raise InvalidRequest(
-                f"variant {variant!r} needs input field(s) {', '.join(missing)} in parameters"
-            )
-        return _Route(model, program, inputs, lm_options, request.tenant)
+        given, lm_options = split_parameters(request, program)
+        inputs, canonical = program.inputs.validate(given)
+        pinned = tuple(config.models[key] for key in program.pinned_models)
+        return Route(
+            model=model,
+            program=program,
+            inputs=inputs,
+            canonical_inputs=canonical,
+            lm_options=lm_options,
+            tenant=request.tenant,
+            pinned=pinned,
+        )
 
-    def _cache_key(self, request: PredictionInput, route: _Route) -> str:
+    def _cache_key(self, route: Route) -> str:
         return cache_key(
             model=route.model.key,
             model_id=route.model.name,
             variant=route.program.variant,
             program_fingerprint=route.program.fingerprint,
-            input_text=request.input,
-            parameters=request.parameters,
+            inputs=route.canonical_inputs,
+            parameters=route.lm_options,
         )
 
     async def predict(self, request: PredictionInput) -> Prediction:
@@ -248,7 +185,7 @@ class Predictor:
         metrics = self._metrics.route(model_key, variant)
         key = None
         if request.use_cache:
-            key = self._cache_key(request, route)
+            key = self._cache_key(route)
             hit = self._cache.get_memory(key)
             if hit is not None:  # answered without awaiting anything: never "in flight"
                 return self._served_from_cache(request, metrics, variant, hit, "memory", started)
@@ -260,7 +197,7 @@ class Predictor:
                     return self._served_from_cache(request, metrics, variant, hit, "redis", started)
             coalesced = key is not None and key in self._upstream
             if self._budgets is not None and not coalesced:
-                await self._budgets.check(model_key, request.tenant)
+                await self._check_budgets(route)
             answer, usage = await self._call_upstream(key, route)
         except ServiceError as exc:
             if not isinstance(exc, BudgetExceeded):  # a refusal we chose, not a failed prediction
@@ -283,14 +220,13 @@ class Predictor:
         route = self._route(request)
         model_key, variant = route.model.key, route.program.variant
         metrics = self._metrics.route(model_key, variant)
-        main_output = route.program.main_output
         key = None
         if request.use_cache:
-            key = self._cache_key(request, route)
+            key = self._cache_key(route)
             hit = self._cache.get_memory(key)
             if hit is not None:
                 result = self._served_from_cache(request, metrics, variant, hit, "memory", started)
-                yield StreamChunk(main_output, _chunk_text(result.output))
+                yield _whole_chunk(route, result)
                 yield result
                 return
         self._metrics.active.inc()
@@ -299,18 +235,18 @@ class Predictor:
                 hit = await self._cache.get_redis(key)
                 if hit is not None:
                     result = self._served_from_cache(request, metrics, variant, hit, "redis", started)
-                    yield StreamChunk(main_output, _chunk_text(result.output))
+                    yield _whole_chunk(route, result)
                     yield result
                     return
             shared = self._upstream.get(key) if key is not None else None
             if shared is not None:
                 answer, usage = await asyncio.shield(shared)
                 result = self._answered(request, metrics, variant, answer, usage, True, started)
-                yield StreamChunk(main_output, _chunk_text(result.output))
+                yield _whole_chunk(route, result)
                 yield result
                 return
             if self._budgets is not None:
-                await self._budgets.check(model_key, request.tenant)
+                await self._check_budgets(route)
             sink = _ChunkQueue()
             task = self._start_upstream(key, route, sink)
             task.add_done_callback(lambda _: sink.queue.put_nowait(None))
@@ -336,7 +272,7 @@ class Predictor:
         metrics: RouteMetrics,
         variant: str,
         answer: CachedAnswer,
-        usage: Usage,
+        usage: _Spent,
         coalesced: bool,
         started: float,
     ) -> Prediction:
@@ -349,32 +285,26 @@ class Predictor:
             if answer.cost_usd:
                 metrics.saved.inc(answer.cost_usd)
             return Prediction(
-                request.model,
-                answer.model_served,
-                variant,
-                answer.output,
-                answer.outputs,
-                None,
-                True,
-                0,
-                0,
-                0.0,
-                answer.cost_usd,
-                latency * 1000,
+                model=request.model,
+                model_served=answer.model_served,
+                variant=variant,
+                output=answer.output,
+                outputs=answer.outputs,
+                latency_ms=latency * 1000,
+                coalesced=True,
+                cost_saved_usd=answer.cost_usd,
             )
         return Prediction(
-            request.model,
-            answer.model_served,
-            variant,
-            answer.output,
-            answer.outputs,
-            None,
-            False,
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cost_usd,
-            None,
-            latency * 1000,
+            model=request.model,
+            model_served=answer.model_served,
+            variant=variant,
+            output=answer.output,
+            outputs=answer.outputs,
+            latency_ms=latency * 1000,
+            input_tokens=usage.total.input_tokens,
+            output_tokens=usage.total.output_tokens,
+            cost_usd=usage.total.cost_usd,
+            usage_by_model=usage.by_model,
         )
 
     def _served_from_cache(
@@ -393,21 +323,23 @@ class Predictor:
             metrics.saved.inc(hit.cost_usd)
         self._ledger.record_hit(metrics.ledger_name, hit.cost_usd)
         return Prediction(
-            request.model,
-            hit.model_served,
-            variant,
-            hit.output,
-            hit.outputs,
-            level,
-            False,
-            0,
-            0,
-            0.0,
-            hit.cost_usd,
-            latency * 1000,
+            model=request.model,
+            model_served=hit.model_served,
+            variant=variant,
+            output=hit.output,
+            outputs=hit.outputs,
+            latency_ms=latency * 1000,
+            cache_level=level,
+            cost_saved_usd=hit.cost_usd,
         )
 
-    async def _call_upstream(self, key: str | None, route: _Route) -> tuple[CachedAnswer, Usage]:
+    async def _check_budgets(self, route: Route) -> None:
+        assert self._budgets is not None
+        await self._budgets.check(route.model.key, route.tenant)
+        for pinned in route.pinned:
+            await self._budgets.check(pinned.key, route.tenant)
+
+    async def _call_upstream(self, key: str | None, route: Route) -> tuple[CachedAnswer, _Spent]:
         task = self._upstream.get(key) if key is not None else None
         if task is None:
             task = self._start_upstream(key, route, None)
@@ -415,14 +347,13 @@ class Predictor:
         return await asyncio.shield(task)
 
     def _start_upstream(
-        self, key: str | None, route: _Route, sink: _ChunkQueue | None
-    ) -> asyncio.Task[tuple[CachedAnswer, Usage]]:
+        self, key: str | None, route: Route, sink: _ChunkQueue | None
+    ) -> asyncio.Task[tuple[CachedAnswer, _Spent]]:
         """Start the upstream call as a task (stored under `key` when it succeeds); a non-streaming
         one is registered so that identical requests arriving meanwhile share it."""
-        if self._upstream_count >= self._max_in_flight:
-            raise Overloaded(
-                f"{self._upstream_count} predictions in flight; try again shortly", retry_after=1
-            )
+        in_flight = self._upstream_count + self._threads.abandoned
+        if in_flight >= self._max_in_flight:
+            raise Overloaded(f"{in_flight} predictions in flight; try again shortly", retry_after=1)
         task = asyncio.get_running_loop().create_task(self._produce(key, route, sink))
         self._upstream_count += 1
         task.add_done_callback(self._upstream_done)
@@ -437,10 +368,9 @@ class Predictor:
             task.exception()  # mark retrieved; waiters have re-raised it where it mattered
 
     async def _produce(
-        self, key: str | None, route: _Route, sink: _ChunkQueue | None
-    ) -> tuple[CachedAnswer, Usage]:
+        self, key: str | None, route: Route, sink: _ChunkQueue | None
+    ) -> tuple[CachedAnswer, _Spent]:
         spent = _Spend({})
-        model_served = route.model.key
         deadline_at = time.monotonic() + self._deadline
         try:
             async with asyncio.timeout(self._deadline):
@@ -453,46 +383,91 @@ class Predictor:
         except (ServiceError, asyncio.CancelledError):
             self._account(route, spent)
             raise
-        usage = self._account(route, spent)
+        usage = self._account(route, spent, answered=True)
         answer = CachedAnswer(
             outputs=run.outputs,
-            output=run.outputs.get(route.program.main_output),
+            main_output=run.main_output,
             model_served=model_served,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cost_usd=usage.cost_usd,
+            input_tokens=usage.total.input_tokens,
+            output_tokens=usage.total.output_tokens,
+            cost_usd=usage.total.cost_usd,
         )
         if key is not None:
             await self._cache.set(key, answer)
         return answer, usage
 
-    def _account(self, route: _Route, spent: _Spend) -> Usage:
-        """Every token the provider reported for this request, failed attempts included, is counted,
-        and so is every call cut off before the provider reported its tokens: its spend is unknown,
-        and the totals say so rather than count it as nothing."""
+    def _public_names(self, route: Route) -> dict[str, str]:
+        """Provider model id -> public model name, for the models a request's program may call."""
+        names: dict[str, str] = {}
+        models = self._config.models
+        for spec in (route.model, *(models[k] for k in route.model.fallbacks), *route.pinned):
+            names.setdefault(spec.name, spec.key)
+        return names
+
+    def _account(self, route: Route, spent: _Spend, *, answered: bool = False) -> _Spent:
+        """Every token the provider reported for this request, failed attempts included, is counted
+        against the model that spent it (a pinned predictor's model, a fallback), and so is every
+        call cut off before the provider reported its tokens: its spend is unknown, and the totals
+        say so rather than count it as nothing."""
         usage = price_usage(spent.tokens, self._prices)
-        metrics = self._metrics.route(route.model.key, route.program.variant)
-        if usage.input_tokens:
-            metrics.input_tokens.inc(usage.input_tokens)
-        if usage.output_tokens:
-            metrics.output_tokens.inc(usage.output_tokens)
-        if usage.cost_usd:
-            metrics.cost.inc(usage.cost_usd)
         for model_id in usage.unpriced_models:
             self._metrics.unpriced.labels(model_id).inc()
-        if spent.tokens or spent.unmetered_calls:
-            self._ledger.record_miss(route.model.key, route.program.variant, usage, spent.unmetered_calls)
-        if self._budgets is not None:
-            self._budgets.record(route.model.key, route.tenant, usage.cost_usd)
-        return usage
+        by_model = self._charge(route, spent.tokens)
+        variant, model = route.program.variant, route.model.key
+        if spent.tokens or spent.unmetered_calls or answered:
+            own = by_model.get(model)
+            own_usage = Usage(own.input_tokens, own.output_tokens, own.cost_usd) if own else Usage(0, 0, 0.0)
+            self._ledger.record_miss(model, variant, own_usage, spent.unmetered_calls)
+        for name, share in by_model.items():
+            if name != model:
+                share_usage = Usage(share.input_tokens, share.output_tokens, share.cost_usd)
+                self._ledger.record_miss(name, variant, share_usage, requests=0)
+        return _Spent(total=usage, by_model=by_model)
+
+    def _charge(self, route: Route, tokens: UsageByModel) -> dict[str, ModelUsage]:
+        """Tokens per provider model id as each public model's usage, each priced at its own price
+        and charged to its own metrics and budgets."""
+        names = self._public_names(route)
+        shares: dict[str, UsageByModel] = {}
+        for model_id, counts in tokens.items():
+            shares.setdefault(names.get(model_id, model_id), {})[model_id] = counts
+        by_model: dict[str, ModelUsage] = {}
+        variant = route.program.variant
+        for name, share in shares.items():
+            priced = price_usage(share, self._prices)
+            by_model[name] = ModelUsage(
+                calls=sum(counts[2] for counts in share.values()),
+                input_tokens=priced.input_tokens,
+                output_tokens=priced.output_tokens,
+                cost_usd=priced.cost_usd,
+            )
+            metrics = self._metrics.route(name, variant)
+            if priced.input_tokens:
+                metrics.input_tokens.inc(priced.input_tokens)
+            if priced.output_tokens:
+                metrics.output_tokens.inc(priced.output_tokens)
+            if priced.cost_usd:
+                metrics.cost.inc(priced.cost_usd)
+            if self._budgets is not None:
+                self._budgets.record(name, route.tenant, priced.cost_usd)
+        return by_model
+
+    def _account_late(self, route: Route, tokens: UsageByModel) -> None:
+        """What a synchronous program spent after its request had ended (its thread ran on)."""
+        if not tokens:
+            return
+        _log.info("prediction.late_usage", variant=route.program.variant, models=sorted(tokens))
+        for name, share in self._charge(route, tokens).items():
+            usage = Usage(share.input_tokens, share.output_tokens, share.cost_usd)
+            self._ledger.record_miss(name, route.program.variant, usage, requests=0)
 
     async def _run_with_fallbacks(
         self,
-        route: _Route,
+        route: Route,
         spent: _Spend,
         deadline_at: float,
         sink: _ChunkQueue | None,
-    ) -> tuple[Any, str]:
+    ) -> tuple[ProgramRun, str]:
         chain = (route.model.key, *route.model.fallbacks)
         last_error: ServiceError | None = None
         for model_key in chain:
@@ -508,56 +483,89 @@ class Predictor:
         assert last_error is not None
         raise last_error
 
+    def _acquire_breakers(self, specs: tuple[ModelSpec, ...]) -> list[CircuitBreaker]:
+        """The breakers of every model an attempt may call, acquired; CircuitOpen if one is open."""
+        acquired: list[CircuitBreaker] = []
+        for spec in specs:
+            breaker = self._breakers[spec.key]
+            if not breaker.try_acquire():
+                for other in acquired:
+                    other.record_neutral()
+                raise CircuitOpen(
+                    f"circuit breaker for model {spec.key!r} is open",
+                    retry_after=max(1.0, breaker.retry_after()),
+                )
+            acquired.append(breaker)
+        return acquired
+
+    def _attempt(self, spec: ModelSpec, route: Route, sink: _ChunkQueue | None, attempt: int) -> Any:
+        """One run of the program with `spec` as its default model (an awaitable)."""
+        lm = self._lms.get(spec.key, route.lm_options)
+        if sink is None:
+            call = run_program(
+                route.program,
+                lm,
+                route.inputs,
+                threads=self._threads,
+                on_late_usage=lambda tokens: self._account_late(route, tokens),
+            )
+        else:
+            call = stream_program(route.program, lm, route.inputs, sink)
+        if self._tracing is not None:  # one `lm.call` span per attempt (tracing.py)
+            call = self._tracing.lm_call(call, spec.key, spec.name, attempt + 1)
+        return call
+
     async def _run_with_retries(
         self,
         spec: ModelSpec,
-        route: _Route,
+        route: Route,
         spent: _Spend,
         deadline_at: float,
         sink: _ChunkQueue | None,
-    ) -> Any:
-        breaker = self._breakers[spec.key]
-        lm = self._lms.get(spec.key, route.lm_options)
+    ) -> ProgramRun:
+        """Run with `spec` as the default model, retrying what the provider may answer next time.
+        Every model the attempt may call (the default and pinned ones) must have its breaker
+        closed; a failure counts against the breaker of the model that failed, and its retries."""
+        models = (spec, *(p for p in route.pinned if p.key != spec.key))
+        by_id = {m.name: m for m in reversed(models)}
         attempt = 0
         while True:
-            if not breaker.try_acquire():
-                wait = breaker.retry_after()
-                raise CircuitOpen(
-                    f"circuit breaker for model {spec.key!r} is open", retry_after=max(1.0, wait)
-                )
+            breakers = self._acquire_breakers(models)
             try:
-                if sink is None:
-                    call = run_program(route.program, lm, route.inputs)
-                else:
-                    call = stream_program(route.program, lm, route.inputs, sink)
-                if self._tracing is not None:  # one `lm.call` span per attempt (tracing.py)
-                    call = self._tracing.lm_call(call, spec.key, spec.name, attempt + 1)
-                run = await call
+                run: ProgramRun = await self._attempt(spec, route, sink, attempt)
             except ProgramFailed as failure:
                 spent.add(failure.usage_by_model)
+                failed = by_id.get(failure.model_id or "", spec)
+                failed_breaker = self._breakers[failed.key]
+                for breaker in breakers:
+                    if breaker is not failed_breaker or failure.kind not in _BREAKER_FAILURES:
+                        breaker.record_neutral()
                 if failure.kind in _UNMETERED_FAILURES and failure.connected:
-                    self._unmetered(spec, spent)  # sent, and the answer lost: the provider may bill it
+                    self._unmetered(failed, spent)  # sent, and the answer lost: the provider may bill it
                 if failure.kind not in _BREAKER_FAILURES:
-                    breaker.record_neutral()
-                    raise self._client_facing(spec, failure) from None
-                breaker.record_failure()
+                    raise self._client_facing(failed, route, failure) from None
+                failed_breaker.record_failure()
                 delay = self._backoff(attempt + 1, failure.retry_after)
                 if (
-                    attempt >= spec.max_retries
+                    attempt >= failed.max_retries
                     or time.monotonic() + delay >= deadline_at
                     or (sink is not None and sink.emitted)  # a retry would repeat what the client has
                 ):
                     # Out of retries, or the wait would outlive the request: answer now, not at the deadline.
-                    raise self._client_facing(spec, failure) from None
+                    raise self._client_facing(failed, route, failure) from None
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
             except BaseException as exc:
-                breaker.record_neutral()  # cancelled by the deadline: free a half-open trial slot
-                if isinstance(exc, asyncio.CancelledError):  # the deadline, or a stream's client left
+                for breaker in breakers:
+                    breaker.record_neutral()  # cancelled by the deadline: free a half-open trial slot
+                # The deadline, or a stream's client left: the call's spend is unknown. A synchronous
+                # program's thread runs on, and reports its tokens when it returns (_account_late).
+                if isinstance(exc, asyncio.CancelledError) and (route.program.is_async or sink is not None):
                     self._unmetered(spec, spent)
                 raise
-            breaker.record_success()
+            for breaker in breakers:
+                breaker.record_success()
             spent.add(run.usage_by_model)
             return run
 
@@ -573,7 +581,7 @@ class Predictor:
         return delay
 
     @staticmethod
-    def _client_facing(spec: ModelSpec, failure: ProgramFailed) -> ServiceError:
+    def _client_facing(spec: ModelSpec, route: Route, failure: ProgramFailed) -> ServiceError:
         if failure.kind == "timeout":
             return ProviderTimeout(f"model {spec.key!r} timed out after {spec.request_timeout_secs:g} s")
         if failure.kind == "rejected":
@@ -582,10 +590,24 @@ class Predictor:
             )
         if failure.kind == "parse":
             return ProviderError(f"model {spec.key!r} answered in a shape the program could not parse")
+        if failure.kind == "unencodable":
+            return ProviderError(
+                f"the program of variant {route.program.variant!r} answered with a value that cannot "
+                "be encoded as JSON"
+            )
+        if failure.kind == "unexpected":
+            _log.warning("prediction.program_failed", variant=route.program.variant, detail=failure.message)
+            return ProviderError(
+                f"the program of variant {route.program.variant!r} failed: {failure.message.split(':')[0]}"
+            )
         status = f" (HTTP {failure.status})" if failure.status else ""
         return ProviderError(f"model {spec.key!r} failed{status}: {failure.kind}")
 
 
-def _chunk_text(output: Any) -> str:
-    """A whole answer as one stream chunk: text as it is, anything else as JSON."""
-    return output if isinstance(output, str) else orjson.dumps(output).decode()
+def _whole_chunk(route: Route, result: Prediction) -> StreamChunk:
+    """A whole answer (a hit, or another request's call) as one stream chunk of its main output:
+    text as it is, anything else as JSON."""
+    output = result.output
+    text = output if isinstance(output, str) else orjson.dumps(output).decode()
+    field = route.program.main_output or next(iter(result.outputs), "output")
+    return StreamChunk(field=field, text=text)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +21,17 @@ from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
 from dspy_service.models_config import ModelsConfig, load_models_config
 from dspy_service.predictor import Predictor
-from dspy_service.programs import LanguageModels, LoadedProgram, bundled_price, configure_dspy, load_program
+from dspy_service.programs import (
+    LanguageModels,
+    LoadedProgram,
+    ProgramThreads,
+    ToolObserver,
+    bundled_price,
+    configure_dspy,
+    load_program,
+    pin_predictors,
+    use_program_dirs,
+)
 from dspy_service.ratelimit import RateLimiter
 from dspy_service.redis_link import RedisLink
 from dspy_service.settings import Settings
@@ -36,6 +49,13 @@ class Lifecycle:
     started: bool = False
     draining: bool = False
     in_flight: int = 0  # predictions being served; shutdown waits for them
+    # Program threads still running for requests that have ended (their deadline passed): a thread
+    # cannot be stopped, so shutdown waits for them too, within the grace period.
+    threads_running_on: Callable[[], int] = lambda: 0
+
+    @property
+    def busy(self) -> int:
+        return self.in_flight + self.threads_running_on()
 
 
 @dataclass
@@ -56,6 +76,7 @@ class Services:
     rate_limiter: RateLimiter | None = None
     budgets: Budgets | None = None
     tracing: Tracing | None = None  # None: tracing is off
+    threads: ProgramThreads | None = None
 
     async def start(self) -> None:
         if self.redis_link is not None:
@@ -75,6 +96,12 @@ class Services:
         )
 
     async def stop(self) -> None:
+        if self.threads is not None and self.threads.abandoned:
+            # the drain waited for them within the grace period; this is the last word on them
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.threads.wait_idle()
+            _log.info("service.program_threads", still_running=self.threads.abandoned)
         await self.ledger.close()
         if self.budgets is not None:
             await self.budgets.close()
@@ -84,6 +111,29 @@ class Services:
         if self.tracing is not None:
             await self.tracing.close()  # last: spans of the requests that just finished go out too
         _log.info("service.stopped")
+
+
+def build_programs(
+    settings: Settings,
+    models_config: ModelsConfig,
+    metrics: Metrics,
+    tracing: Tracing | None,
+    *,
+    api_key: str,
+    base_url: str | None,
+) -> tuple[dict[str, LoadedProgram], LanguageModels]:
+    """Every variant's program, with its pinned predictors given their models' LMs, and the LMs;
+    ConfigError for any program that cannot be built (start-up and reloads alike)."""
+    use_program_dirs(settings.program_dirs)
+    source = str(models_config.source)
+    programs = {
+        key: load_program(spec, source, callbacks=(ToolObserver(key, metrics, tracing),))
+        for key, spec in models_config.variants.items()
+    }
+    lms = LanguageModels(models_config.models, api_key=api_key, base_url=base_url)
+    for program in programs.values():
+        pin_predictors(program, lms.base)
+    return programs, lms
 
 
 def build_price_lookup(config: ModelsConfig) -> dict[str, Price | None]:
@@ -132,17 +182,16 @@ def build_services(
     `tracer_provider` turns tracing on with that provider (tests: an in-memory exporter) whatever the
     OTEL_* settings say; without one, an OTLP endpoint in the settings turns it on.
     """
-    configure_dspy()
+    configure_dspy(settings.program_threads)
     tracing = build_tracing(settings, tracer_provider)
     metrics = Metrics(registry or CollectorRegistry())
     if models_config is None:
         models_config = load_models_config(settings.models_config)
-    programs = {
-        key: load_program(spec, str(models_config.source)) for key, spec in models_config.variants.items()
-    }
     provider_url = base_url or settings.openai_base_url
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
-    lms = LanguageModels(models_config.models, api_key=api_key or "simulator", base_url=provider_url)
+    programs, lms = build_programs(
+        settings, models_config, metrics, tracing, api_key=api_key or "simulator", base_url=provider_url
+    )
     if base_url is not None and settings.uses_simulator:
         provider_description = f"simulator at {base_url}"
     elif provider_url:
@@ -188,6 +237,7 @@ def build_services(
     budgets = build_budgets(models_config, prices, keyring, link, metrics)
     rule = settings.rate_limit_rule
     rate_limiter = RateLimiter(link, limit=rule[0], period_secs=rule[1]) if rule is not None else None
+    threads = ProgramThreads(metrics.program_threads_busy)
     predictor = Predictor(
         config=models_config,
         programs=programs,
@@ -199,6 +249,7 @@ def build_services(
         prices=prices.get,
         request_timeout_secs=settings.request_timeout_secs,
         max_in_flight=settings.max_in_flight,
+        threads=threads,
         budgets=budgets,
         tracing=tracing,
     )
@@ -214,7 +265,8 @@ def build_services(
         lms=lms,
         redis_link=link,
         provider_description=provider_description,
-        lifecycle=Lifecycle(),
+        lifecycle=Lifecycle(threads_running_on=lambda: threads.abandoned),
+        threads=threads,
         keyring=keyring,
         rate_limiter=rate_limiter,
         budgets=budgets,

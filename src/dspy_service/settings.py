@@ -54,6 +54,12 @@ class Settings(BaseSettings):
 
     request_timeout_secs: float = Field(default=30, gt=0)
     max_in_flight: int = Field(default=256, ge=1)
+    # Threads that run programs with only a synchronous forward (a request's thread cannot be stopped
+    # at its deadline: it keeps counting against MAX_IN_FLIGHT until it returns).
+    program_threads: int = Field(default=32, ge=1, le=1024)
+    # Colon-separated directories searched for `module:` import paths before installed packages;
+    # empty: the models file's directory.
+    programs_path: str = ""
     shutdown_grace_secs: float = Field(default=20, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=256)
     costs_flush_interval_secs: float = Field(default=1.0, gt=0)
@@ -109,6 +115,13 @@ class Settings(BaseSettings):
     def rate_limit_rule(self) -> tuple[int, int] | None:
         """`RATE_LIMIT` as (requests, window seconds), or None when there is no limit."""
         return parse_rate_limit(self.rate_limit)
+
+    @property
+    def program_dirs(self) -> tuple[Path, ...]:
+        """PROGRAMS_PATH as directories, in search order (default: the models file's directory)."""
+        if not self.programs_path.strip():
+            return (self.models_config.resolve().parent,)
+        return tuple(Path(part).resolve() for part in self.programs_path.split(":") if part.strip())
 
     @property
     def uses_simulator(self) -> bool:

@@ -164,6 +164,13 @@ class Tracing:
         """A child span of the current one, current while the `with` block runs (cache lookups)."""
         return self._tracer.start_as_current_span(name)
 
+    def start_tool_span(self, tool: str, variant: str) -> Span:
+        """A `tool.call` span for one tool call of a program, ended by the caller (tools.py): a
+        tool's start and end arrive as two DSPy callbacks, not one block."""
+        return self._tracer.start_span(
+            "tool.call", attributes={"dspy.tool": tool, "dspy.variant": variant}, record_exception=False
+        )
+
     async def lm_call(
         self, call: Awaitable[ProgramRun], model: str, model_id: str, attempt: int
     ) -> ProgramRun:
@@ -201,7 +208,7 @@ class Tracing:
             await asyncio.to_thread(self._provider.force_flush)
 
 
-def _set_usage(span: Span, usage_by_model: dict[str, tuple[int, int]]) -> None:
+def _set_usage(span: Span, usage_by_model: dict[str, tuple[int, int, int]]) -> None:
     span.set_attribute("gen_ai.usage.input_tokens", sum(tokens[0] for tokens in usage_by_model.values()))
     span.set_attribute("gen_ai.usage.output_tokens", sum(tokens[1] for tokens in usage_by_model.values()))
 

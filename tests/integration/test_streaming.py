@@ -78,6 +78,7 @@ def test_a_miss_streams_each_field_as_the_provider_sends_it(
     assert set(result) == PREDICT_FIELDS
     streamed: dict[str, str] = {}
     for _, chunk in events[:-1]:
+        assert chunk["predictor"] == "predict"  # the ChainOfThought's one predictor, by its name
         streamed[chunk["field"]] = streamed.get(chunk["field"], "") + chunk["text"]
     # Every token of every text field arrives, in order, and adds up to the final answer.
     assert set(streamed) == {"reasoning", "answer"}
@@ -103,7 +104,7 @@ def test_a_miss_streams_each_field_as_the_provider_sends_it(
     assert again["output"] == result["output"]
     response, hit_events = stream(shared_service, body)
     assert [kind for kind, _ in hit_events] == ["chunk", "result"]
-    assert hit_events[0][1] == {"field": "answer", "text": result["output"]}
+    assert hit_events[0][1] == {"field": "answer", "text": result["output"], "predictor": None}
     hit = hit_events[1][1]
     assert hit["metadata"]["cache_level"] == "memory"
     assert hit["metadata"]["cost_usd"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,7 +15,7 @@ BASE: dict[str, Any] = {
     "model_id": "openai/gpt-4",
     "variant": "baseline",
     "program_fingerprint": "abc123",
-    "input_text": "What is the capital of France?",
+    "inputs": {"question": "What is the capital of France?"},
     "parameters": {"temperature": 0.5, "max_tokens": 100},
 }
 
@@ -36,13 +37,13 @@ def test_parameter_order_does_not_change_the_key(params: dict[str, Any]) -> None
 
 
 @given(
-    st.sampled_from(["model", "model_id", "variant", "program_fingerprint", "input_text"]),
+    st.sampled_from(["model", "model_id", "variant", "program_fingerprint", "inputs"]),
     st.text(max_size=30),
 )
 def test_any_change_to_an_identity_field_changes_the_key(field: str, value: str) -> None:
     """Changing model, provider model, variant, program or input gives another key."""
-    changed = {**BASE, field: value}
-    if value != BASE[field]:
+    changed = {**BASE, field: {"question": value} if field == "inputs" else value}
+    if changed[field] != BASE[field]:
         assert cache_key(**changed) != cache_key(**BASE)
 
 
@@ -61,14 +62,22 @@ def test_int_and_float_parameters_are_distinct_but_stable() -> None:
 
 def test_cached_answer_round_trips_through_bytes() -> None:
     """What Redis stores reads back as the same answer."""
-    answer = CachedAnswer({"answer": "Paris", "n": [1, 2]}, "Paris", "gpt-4", 10, 3, None)
+    answer = CachedAnswer({"answer": "Paris", "n": [1, 2]}, "answer", "gpt-4", 10, 3, None)
     assert CachedAnswer.from_bytes(answer.to_bytes()) == answer
+    assert answer.output == "Paris"
+
+
+def test_an_entry_of_the_old_format_is_not_read_as_an_answer() -> None:
+    """Entries written before the format carried its version (the output kept twice) are misses."""
+    old = b'[{"answer": "Paris"}, "Paris", "gpt-4", 10, 3, null]'
+    with pytest.raises(ValueError, match=r"not enough values|format"):
+        CachedAnswer.from_bytes(old)
 
 
 def test_memory_cache_evicts_least_recently_used() -> None:
     """A full memory level drops the entry used least recently."""
     cache = MemoryCache(max_entries=2, ttl_secs=60)
-    answers = [CachedAnswer({}, str(i), "m", 0, 0, 0.0) for i in range(3)]
+    answers = [CachedAnswer({"n": i}, "n", "m", 0, 0, 0.0) for i in range(3)]
     cache.set("a", answers[0])
     cache.set("b", answers[1])
     assert cache.get("a") is answers[0]

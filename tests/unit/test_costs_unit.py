@@ -11,7 +11,7 @@ PRICES = {"openai/a": Price(0.001, 0.002, "configured"), "openai/b": Price(0.01,
 
 def test_usage_from_several_models_is_priced_per_model() -> None:
     """Each LM's tokens are priced with its own price and summed."""
-    usage = price_usage({"openai/a": (100, 10), "openai/b": (5, 1)}, PRICES.get)
+    usage = price_usage({"openai/a": (100, 10, 1), "openai/b": (5, 1, 1)}, PRICES.get)
     assert usage.input_tokens == 105
     assert usage.output_tokens == 11
     assert usage.cost_usd == pytest.approx(100 * 0.001 + 10 * 0.002 + 5 * 0.01 + 1 * 0.02)
@@ -23,12 +23,12 @@ def test_a_cost_is_the_decimal_a_person_would_compute() -> None:
     float sum 0.006209999999999999 (which reached responses and log lines)."""
     gpt4 = Price(0.03 / 1000, 0.06 / 1000, "configured")
     assert gpt4.cost(127, 40) != 0.00621  # the float artefact the rounding removes
-    assert price_usage({"openai/gpt-4": (127, 40)}, {"openai/gpt-4": gpt4}.get).cost_usd == 0.00621
+    assert price_usage({"openai/gpt-4": (127, 40, 1)}, {"openai/gpt-4": gpt4}.get).cost_usd == 0.00621
 
 
 def test_one_unpriced_model_makes_the_cost_unknown() -> None:
     """If any model's price is unknown, the total cost is None and the model is named."""
-    usage = price_usage({"openai/a": (100, 10), "openai/zzz": (5, 1)}, PRICES.get)
+    usage = price_usage({"openai/a": (100, 10, 1), "openai/zzz": (5, 1, 1)}, PRICES.get)
     assert usage.cost_usd is None
     assert usage.unpriced_models == ("openai/zzz",)
     assert usage.input_tokens == 105

@@ -16,6 +16,7 @@ import pytest
 
 from dspy_service import programs
 from dspy_service.models_config import ModelSpec, VariantSpec
+from dspy_service.programs import lms as programs_lms
 
 _ANSWER = "[[ ## reasoning ## ]]\nshort\n\n[[ ## answer ## ]]\nParis\n\n[[ ## completed ## ]]"
 
@@ -110,9 +111,9 @@ def _dspy_own(api_base: str) -> Any:
 
 def test_openai_chat_models_get_the_service_engine_and_others_keep_dspys() -> None:
     programs.configure_dspy()
-    lm = programs._build_lm(_spec(), api_key="k", api_base="http://127.0.0.1:9/v1")
-    assert isinstance(lm.engine, programs._ChatEngine)
-    other = programs._build_lm(_spec("anthropic/claude-3-5-haiku-20241022"), api_key="k", api_base=None)
+    lm = programs_lms._build_lm(_spec(), api_key="k", api_base="http://127.0.0.1:9/v1")
+    assert isinstance(lm.engine, programs_lms._ChatEngine)
+    other = programs_lms._build_lm(_spec("anthropic/claude-3-5-haiku-20241022"), api_key="k", api_base=None)
     assert other.engine == "lm15"
 
 
@@ -124,7 +125,7 @@ async def test_same_request_usage_and_outputs_as_dspys_own_engine(
     program = programs.load_program(
         VariantSpec(key="cot", signature="question -> answer", module="chain_of_thought"), "test"
     )
-    ours = programs._build_lm(_spec(), api_key="k", api_base=provider)
+    ours = programs_lms._build_lm(_spec(), api_key="k", api_base=provider)
     theirs = _dspy_own(provider)
     runs = []
     try:
@@ -143,7 +144,7 @@ async def test_same_request_usage_and_outputs_as_dspys_own_engine(
     }
     assert first[2] == second[2]
     assert runs[0] == runs[1]
-    assert runs[1].usage_by_model == {"openai/gpt-3.5-turbo": (100, 12)}
+    assert runs[1].usage_by_model == {"openai/gpt-3.5-turbo": (100, 12, 1)}  # tokens in, out; calls
 
 
 @pytest.mark.parametrize("status", [429, 500, 400])
@@ -151,7 +152,7 @@ async def test_same_failures_as_dspys_own_engine(provider: str, status: int) -> 
     programs.configure_dspy()
     _Provider.status = status
     program = programs.load_program(VariantSpec(key="b", signature="question -> answer"), "test")
-    ours = programs._build_lm(_spec(), api_key="k", api_base=provider)
+    ours = programs_lms._build_lm(_spec(), api_key="k", api_base=provider)
     theirs = _dspy_own(provider)
     failures = []
     try:
@@ -190,7 +191,7 @@ async def test_predictions_leave_no_trace_behind(provider: str) -> None:
     """DSPy's process-wide trace (for optimizers) is off: serving would keep 10,000 calls in it."""
     programs.configure_dspy()
     program = programs.load_program(VariantSpec(key="b", signature="question -> answer"), "test")
-    lm = programs._build_lm(_spec(), api_key="k", api_base=provider)
+    lm = programs_lms._build_lm(_spec(), api_key="k", api_base=provider)
     try:
         await programs.run_program(program, lm, {"question": "q"})
     finally:
@@ -214,7 +215,7 @@ async def test_run_program_prompts_as_dspys_default_adapter(
     spec = VariantSpec(key="v", signature=signature, module=module, instructions=instructions)
     program = programs.load_program(spec, "test")
     extra = {"context": ["Paris is in France.", "So is Lyon."]} if "context" in signature else {}
-    lm = programs._build_lm(_spec(), api_key="k", api_base=provider)
+    lm = programs_lms._build_lm(_spec(), api_key="k", api_base=provider)
 
     async def first_prompt(call: Any) -> Any:
         _Provider.requests = []

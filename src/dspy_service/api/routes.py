@@ -15,7 +15,8 @@ from dspy_service.api.deps import services_of
 from dspy_service.api.responses import JSONResponse
 from dspy_service.api.schemas import PredictRequest, describe_validation_error
 from dspy_service.errors import InvalidRequest
-from dspy_service.predictor import Prediction, PredictionInput
+from dspy_service.results import Prediction
+from dspy_service.routing import PredictionInput
 from dspy_service.timefmt import utc_now_iso
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def prediction_body(request_id: str, result: Prediction) -> dict[str, Any]:
             "cost_usd": result.cost_usd,
             "cost_saved_usd": result.cost_saved_usd,
             "cost_known": result.cost_usd is not None,
+            "usage_by_model": {name: usage.to_json() for name, usage in result.usage_by_model.items()},
             "timestamp": utc_now_iso(),
         },
     }
@@ -76,12 +78,13 @@ async def read_prediction_input(
 def prediction_input(parsed: PredictRequest, tenant: str | None) -> PredictionInput:
     """A validated request body (a single request's or a batch item's) as the predictor's input."""
     return PredictionInput(
-        parsed.model,
-        parsed.variant,
-        parsed.input,
-        parsed.parameters,
-        parsed.use_cache,
-        parsed.user_id,
+        model=parsed.model,
+        variant=parsed.variant,
+        parameters=parsed.parameters,
+        use_cache=parsed.use_cache,
+        input=parsed.input,
+        inputs=parsed.inputs,
+        user_id=parsed.user_id,
         tenant=tenant,
     )
 
@@ -164,9 +167,13 @@ async def config(request: Request) -> Response:
         },
         "variants": {
             key: {
+                "kind": spec.kind,
                 "signature": spec.signature,
                 "module": spec.module,
                 "program": str(spec.program) if spec.program else None,
+                "saved": str(spec.saved) if spec.saved else None,
+                "models": dict(spec.models),
+                "output_field": spec.output_field,
                 "fingerprint": services.programs[key].fingerprint,
             }
             for key, spec in models_config.variants.items()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 MAX_PARAMETERS = 32
@@ -23,17 +31,32 @@ class PredictRequest(BaseModel):
     request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
     model: str = Field(min_length=1, max_length=200)
     variant: str | None = Field(default=None, min_length=1, max_length=200)
-    input: str = Field(min_length=1)
+    input: str | None = Field(default=None, min_length=1)
+    inputs: dict[str, Any] | None = Field(default=None, max_length=MAX_PARAMETERS)
     parameters: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
     use_cache: bool = True
     user_id: str | None = Field(default=None, min_length=1, max_length=256, pattern=USER_ID_PATTERN)
 
     @field_validator("input")
     @classmethod
-    def _input_within_limit(cls, value: str, info: ValidationInfo) -> str:
+    def _input_within_limit(cls, value: str | None, info: ValidationInfo) -> str | None:
         limit = (info.context or {}).get("max_input_chars", MAX_INPUT_CHARS)
-        if len(value) > limit:
+        if value is not None and len(value) > limit:
             raise ValueError(f"at most {limit} characters are allowed (MAX_INPUT_CHARS), not {len(value)}")
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_within_limit(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        check_parameter_values(value)
+        limit = (info.context or {}).get("max_input_chars", MAX_INPUT_CHARS)
+        chars = _text_length(value)
+        if chars > limit:
+            raise ValueError(f"at most {limit} characters of text are allowed (MAX_INPUT_CHARS), not {chars}")
         return value
 
     @field_validator("parameters")
@@ -41,6 +64,15 @@ class PredictRequest(BaseModel):
     def _parameters_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
         check_parameter_values(value)
         return value
+
+    @model_validator(mode="after")
+    def _input_or_inputs(self) -> PredictRequest:
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError(
+                "give `input` (the first input field) or `inputs` (the input fields by name), not "
+                + ("both" if self.input is not None else "neither")
+            )
+        return self
 
 
 class BatchRequest(BaseModel):
@@ -67,6 +99,22 @@ def check_parameter_values(parameters: dict[str, Any]) -> None:
             raise ValueError("integers must fit in 64 bits")
         elif isinstance(value, float) and not math.isfinite(value):
             raise ValueError("numbers must be finite")
+
+
+def _text_length(value: Any) -> int:
+    """Characters of text in a JSON value (keys and strings), walked without recursion."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += sum(len(str(k)) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -2,7 +2,9 @@
 
 The body is the `/v1/predict` body. The reply is `text/event-stream` with these events:
 
-    event: chunk    data: {"field": "answer", "text": "The capital"}    the provider's tokens, as they come
+    event: chunk    data: {"field": "answer", "text": "The capital", "predictor": "predict"}
+                    the provider's tokens, as they come (`predictor`: which of the program's
+                    predictors wrote them; null for a cache hit's one chunk)
     event: result   data: <the /v1/predict response body>               last, with the same metadata
     event: error    data: {"error": {...}}                              instead of `result`, on failure
 
@@ -26,7 +28,7 @@ from dspy_service.api.responses import error_body
 from dspy_service.api.routes import log_result, prediction_body, read_prediction_input
 from dspy_service.errors import ServiceError
 from dspy_service.logs import get_logger
-from dspy_service.predictor import Prediction, StreamChunk
+from dspy_service.results import Prediction, StreamChunk
 
 if TYPE_CHECKING:
     from dspy_service.services import Services
@@ -89,7 +91,7 @@ class StreamEndpoint:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             try:
                 while isinstance(item, StreamChunk):
-                    data = {"field": item.field, "text": item.text}
+                    data = {"field": item.field, "text": item.text, "predictor": item.predictor}
                     await send(
                         {"type": "http.response.body", "body": sse_event("chunk", data), "more_body": True}
                     )

@@ -1,0 +1,123 @@
+"""What a failed program run raises: the kind of failure (from DSPy's exception classes), the model
+that failed, and the tokens the provider reported before it failed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from dspy.utils.exceptions import (
+    AdapterParseError,
+    ContextWindowExceededError,
+    LMAuthError,
+    LMBillingError,
+    LMError,
+    LMInvalidRequestError,
+    LMRateLimitError,
+    LMServerError,
+    LMTimeoutError,
+    LMTransportError,
+)
+
+FailureKind = Literal[
+    "timeout", "transport", "server", "rate_limit", "rejected", "auth", "parse", "unencodable", "unexpected"
+]
+
+UsageByModel = dict[str, tuple[int, int, int]]  # provider model id -> (input tokens, output tokens, calls)
+
+
+class ProgramFailed(Exception):
+    """A program run failed; carries what kind of failure and the tokens it spent anyway."""
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        usage_by_model: UsageByModel,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        connected: bool = True,
+        model_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind: FailureKind = kind
+        self.message = message
+        self.usage_by_model = usage_by_model
+        self.status = status
+        self.retry_after = retry_after
+        # False when no connection to the provider was made: nothing was sent, so nothing was spent.
+        self.connected = connected
+        # The provider model id whose call failed, when DSPy says (a pinned predictor's model, say).
+        self.model_id = model_id
+
+
+def usage_totals(tracker: Any) -> UsageByModel:
+    """DSPy's usage tracker as tokens per provider model id."""
+    totals: UsageByModel = {}
+    calls = {model_id: len(entries) for model_id, entries in tracker.usage_data.items()}
+    for model_id, usage in tracker.get_total_tokens().items():
+        totals[model_id] = (
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+            calls.get(model_id, 1),
+        )
+    return totals
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what it was raised from (DSPy wraps lm15's transport errors), nearest first."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _caused_by_timeout(exc: BaseException) -> bool:
+    """DSPy reports a read timeout as a transport error; the cause chain says it was a timeout."""
+    return any(
+        isinstance(seen, TimeoutError)
+        or type(seen).__name__ in ("ReadTimeout", "WriteTimeout", "ConnectTimeout")
+        for seen in _causes(exc)
+    )
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """lm15 raises ConnectError (ConnectTimeout among them) when no connection was made; matched by
+    name, as `_caused_by_timeout` does, so that a DSPy upgrade moving the class cannot break it."""
+    return any(any(cls.__name__ == "ConnectError" for cls in type(seen).__mro__) for seen in _causes(exc))
+
+
+def _classify(exc: Exception) -> FailureKind:
+    if isinstance(exc, LMTimeoutError):
+        return "timeout"
+    if isinstance(exc, LMTransportError):
+        return "timeout" if _caused_by_timeout(exc) else "transport"
+    if isinstance(exc, LMRateLimitError):
+        return "rate_limit"
+    if isinstance(exc, LMServerError):
+        return "server"
+    if isinstance(exc, (LMAuthError, LMBillingError)):
+        return "auth"
+    if isinstance(exc, (LMInvalidRequestError, ContextWindowExceededError)):
+        return "rejected"
+    if isinstance(exc, AdapterParseError):
+        return "parse"
+    return "unexpected"
+
+
+def failure_of(exc: Exception, tracker: Any) -> ProgramFailed:
+    """What a failed run raises: its kind, and the tokens the provider reported before it failed."""
+    if isinstance(exc, (LMError, AdapterParseError)):
+        return ProgramFailed(
+            _classify(exc),
+            str(exc),
+            usage_totals(tracker),
+            status=getattr(exc, "status", None),
+            retry_after=getattr(exc, "retry_after", None),
+            connected=not _never_connected(exc),
+            model_id=getattr(exc, "model", None),
+        )
+    return ProgramFailed("unexpected", f"{type(exc).__name__}: {exc}", usage_totals(tracker))
