@@ -77,6 +77,9 @@ class Services:
     budgets: Budgets | None = None
     tracing: Tracing | None = None  # None: tracing is off
     threads: ProgramThreads | None = None
+    # Price per provider model id, shared with the predictor (its `prices` is this dict's `get`):
+    # a reload updates it in place.
+    prices: dict[str, Price | None] = field(default_factory=dict)
 
     async def start(self) -> None:
         if self.redis_link is not None:
@@ -136,12 +139,47 @@ def build_programs(
     return programs, lms
 
 
+def provider_credentials(settings: Settings, base_url: str | None) -> tuple[str, str | None]:
+    """The API key and base URL the LMs are built with (`base_url`: the simulator's, if one serves)."""
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    return api_key or "simulator", base_url or settings.openai_base_url
+
+
+def build_breaker(key: str, settings: Settings, metrics: Metrics) -> CircuitBreaker:
+    """The breaker of model `key`, reporting its transitions to the metrics and the log."""
+
+    def breaker_changed(name: str, old: BreakerState, new: BreakerState) -> None:
+        metrics.set_breaker_state(name, new)
+        log = _log.warning if new == "open" else _log.info
+        log("breaker.transition", model=name, old=old, new=new)
+
+    breaker = CircuitBreaker(
+        key,
+        failure_threshold=settings.circuit_breaker_failure_threshold,
+        success_threshold=settings.circuit_breaker_success_threshold,
+        open_secs=settings.circuit_breaker_timeout_secs,
+        on_change=breaker_changed,
+    )
+    metrics.set_breaker_state(key, "closed")
+    return breaker
+
+
 def build_price_lookup(config: ModelsConfig) -> dict[str, Price | None]:
     """Price per provider model id: configured prices first, else DSPy's bundled data, else None."""
     prices: dict[str, Price | None] = {}
     for spec in config.models.values():
         prices[spec.name] = configured_price(spec) or bundled_price(spec.name)
     return prices
+
+
+def check_budgets_priced(config: ModelsConfig, prices: dict[str, Price | None]) -> None:
+    """ConfigError for a model budget whose spend cannot be priced (start-up and reloads alike)."""
+    for key in config.budgets.models:
+        if prices.get(config.models[key].name) is None:
+            raise ConfigError(
+                f"{config.source}: budgets.models.{key}: no price is known for this model, so its "
+                "spend cannot be counted; give cost_per_1k_input_tokens and cost_per_1k_output_tokens"
+            )
 
 
 def build_budgets(
@@ -154,12 +192,7 @@ def build_budgets(
     """The models file's budgets, or None without any. A budget whose spend cannot be priced stops
     start-up; one for a tenant no API key names is only a warning (keys change more often)."""
     budgets = config.budgets
-    for key in budgets.models:
-        if prices.get(config.models[key].name) is None:
-            raise ConfigError(
-                f"{config.source}: budgets.models.{key}: no price is known for this model, so its "
-                "spend cannot be counted; give cost_per_1k_input_tokens and cost_per_1k_output_tokens"
-            )
+    check_budgets_priced(config, prices)
     known_tenants = set(keyring.tenants) if keyring is not None else set()
     for tenant in budgets.tenants:
         if tenant not in known_tenants:
@@ -187,10 +220,9 @@ def build_services(
     metrics = Metrics(registry or CollectorRegistry())
     if models_config is None:
         models_config = load_models_config(settings.models_config)
-    provider_url = base_url or settings.openai_base_url
-    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    api_key, provider_url = provider_credentials(settings, base_url)
     programs, lms = build_programs(
-        settings, models_config, metrics, tracing, api_key=api_key or "simulator", base_url=provider_url
+        settings, models_config, metrics, tracing, api_key=api_key, base_url=provider_url
     )
     if base_url is not None and settings.uses_simulator:
         provider_description = f"simulator at {base_url}"
@@ -214,23 +246,7 @@ def build_services(
         tracing,
     )
 
-    def breaker_changed(name: str, old: BreakerState, new: BreakerState) -> None:
-        metrics.set_breaker_state(name, new)
-        log = _log.warning if new == "open" else _log.info
-        log("breaker.transition", model=name, old=old, new=new)
-
-    breakers = {
-        key: CircuitBreaker(
-            key,
-            failure_threshold=settings.circuit_breaker_failure_threshold,
-            success_threshold=settings.circuit_breaker_success_threshold,
-            open_secs=settings.circuit_breaker_timeout_secs,
-            on_change=breaker_changed,
-        )
-        for key in models_config.models
-    }
-    for key in breakers:
-        metrics.set_breaker_state(key, "closed")
+    breakers = {key: build_breaker(key, settings, metrics) for key in models_config.models}
     ledger = CostLedger(link, settings.costs_flush_interval_secs)
     prices = build_price_lookup(models_config)
     keyring = load_keyring(settings)
@@ -271,4 +287,5 @@ def build_services(
         rate_limiter=rate_limiter,
         budgets=budgets,
         tracing=tracing,
+        prices=prices,
     )
