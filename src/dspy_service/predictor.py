@@ -66,6 +66,8 @@ class _Spend:
 
     tokens: UsageByModel
     unmetered_calls: int = 0
+    # Runs of a synchronous program still going in their thread: their tokens come later.
+    running_on: int = 0
 
     def add(self, usage_by_model: UsageByModel) -> None:
         for model_id, (tokens_in, tokens_out, calls) in usage_by_model.items():
@@ -414,7 +416,7 @@ class Predictor:
             self._metrics.unpriced.labels(model_id).inc()
         by_model = self._charge(route, spent.tokens)
         variant, model = route.program.variant, route.model.key
-        if spent.tokens or spent.unmetered_calls or answered:
+        if spent.tokens or spent.unmetered_calls or spent.running_on or answered:
             own = by_model.get(model)
             own_usage = Usage(own.input_tokens, own.output_tokens, own.cost_usd) if own else Usage(0, 0, 0.0)
             self._ledger.record_miss(model, variant, own_usage, spent.unmetered_calls)
@@ -561,8 +563,11 @@ class Predictor:
                     breaker.record_neutral()  # cancelled by the deadline: free a half-open trial slot
                 # The deadline, or a stream's client left: the call's spend is unknown. A synchronous
                 # program's thread runs on, and reports its tokens when it returns (_account_late).
-                if isinstance(exc, asyncio.CancelledError) and (route.program.is_async or sink is not None):
-                    self._unmetered(spec, spent)
+                if isinstance(exc, asyncio.CancelledError):
+                    if route.program.is_async or sink is not None:
+                        self._unmetered(spec, spent)
+                    else:
+                        spent.running_on += 1
                 raise
             for breaker in breakers:
                 breaker.record_success()
