@@ -322,14 +322,9 @@ def test_a_synchronous_program_past_its_deadline_answers_504_on_time_and_its_tok
     assert sample_value(service.http.get("/metrics").text, "dspy_program_threads_busy") == 0
 
 
-def test_a_module_streams_chunks_naming_their_predictor(
-    programs_service: ServiceProcess, sim: Simulator
-) -> None:
-    """Streaming a two-predictor module: chunks of both predictors' text fields arrive, each naming
-    the predictor that wrote it, then the result."""
-    body = {"model": "gpt-3.5-turbo", "variant": "async", "inputs": {"question": unique("Stream me")}}
+def stream_events(service: ServiceProcess, body: dict[str, Any]) -> list[tuple[str, Any]]:
     events: list[tuple[str, Any]] = []
-    with programs_service.http.stream("POST", "/v1/predict/stream", json=body) as response:
+    with service.http.stream("POST", "/v1/predict/stream", json=body) as response:
         assert response.status_code == 200
         event = None
         for line in response.iter_lines():
@@ -338,12 +333,37 @@ def test_a_module_streams_chunks_naming_their_predictor(
             elif line.startswith("data: "):
                 events.append((str(event), json.loads(line[6:])))
     assert events[-1][0] == "result", events[-3:]
+    return events
+
+
+def test_a_module_streams_chunks_naming_their_predictor(
+    programs_service: ServiceProcess, sim: Simulator
+) -> None:
+    """Streaming a two-predictor module: chunks of both predictors' text fields arrive, each naming
+    the predictor that wrote it, then the result."""
+    body = {"model": "gpt-3.5-turbo", "variant": "async", "inputs": {"question": unique("Stream me")}}
+    events = stream_events(programs_service, body)
     chunks = [data for kind, data in events if kind == "chunk"]
     predictors = {chunk["predictor"] for chunk in chunks}
     assert predictors == {"rewrite", "draft.predict"}
-    answer = "".join(
-        c["text"] for c in chunks if c["predictor"] == "draft.predict" and c["field"] == "answer"
-    )
+    drafted = [c for c in chunks if (c["predictor"], c["field"]) == ("draft.predict", "answer")]
+    answer = "".join(c["text"] for c in drafted)
+    assert answer.strip() == events[-1][1]["outputs"]["answer"]
+
+
+def test_a_react_agent_streams_every_step(programs_service: ServiceProcess, sim: Simulator) -> None:
+    """A ReAct loop calls its step predictor more than once: its listener is reused, so the thoughts
+    of every step stream, then the extraction's answer."""
+    body = {"model": "gpt-3.5-turbo", "variant": "agent", "inputs": {"question": unique("Weather in Bern?")}}
+    events = stream_events(programs_service, body)
+    chunks = [data for kind, data in events if kind == "chunk"]
+    thoughts = [c for c in chunks if (c["predictor"], c["field"]) == ("react", "next_thought")]
+    steps = sim.stats()["calls"] - 1  # the last call is the extraction
+    assert steps >= 2
+    streamed = "".join(c["text"] for c in thoughts)
+    assert "call lookup_weather" in streamed  # the first step's thought
+    assert "so I can finish" in streamed  # the second's
+    answer = "".join(c["text"] for c in chunks if c["field"] == "answer")
     assert answer.strip() == events[-1][1]["outputs"]["answer"]
 
 

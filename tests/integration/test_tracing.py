@@ -463,3 +463,44 @@ def test_an_otlp_endpoint_turns_tracing_on(
     assert access[0]["span_id"] == request.span_id.hex()
     fallback = [line for line in lines if line.get("event") == "prediction.fallback"]
     assert [line["trace_id"] for line in fallback] == [trace_id]
+
+
+def test_a_tool_call_of_a_program_is_a_span_under_its_lm_call(
+    traced_service: TracedFactory, tmp_path: Path
+) -> None:
+    """A ReAct program's tool call is a `tool.call` span (DSPy's callbacks), in the request's trace
+    under the attempt that made it; a tool that raises marks its span with the error."""
+    programs_dir = Path(__file__).resolve().parents[1] / "programs"
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        DEFAULT_MODELS_CONFIG.read_text(encoding="utf-8").split("\nvariants:")[0]
+        + "\nvariants:\n"
+        + "  baseline: {signature: 'question -> answer'}\n"
+        + "  agent: {module: 'qa_bot.agent:make_agent'}\n"
+        + "  broken: {module: 'qa_bot.agent:make_broken_agent'}\n",
+        encoding="utf-8",
+    )
+    service = traced_service(models_config=models, programs_path=str(programs_dir))
+    for variant, tool, error in (
+        ("agent", "lookup_weather", None),
+        ("broken", "broken_tool", "RuntimeError"),
+    ):
+        traceparent, trace_id, _ = new_traceparent()
+        response = service.http.post(
+            "/v1/predict",
+            json={"model": "gpt-4", "variant": variant, "inputs": {"question": unique("Weather in Rome?")}},
+            headers={"traceparent": traceparent},
+        )
+        assert response.status_code == 200, response.text
+        request = service.request_span(trace_id)
+        [lm] = [span for span in service.children(request) if span.name == "lm.call"]
+        # the program's own tool, then ReAct's built-in `finish`, each a span
+        tools = {
+            str((span.attributes or {})["dspy.tool"]): span.attributes or {}
+            for span in service.children(lm)
+            if span.name == "tool.call"
+        }
+        assert set(tools) == {tool, "finish"}
+        assert tools[tool]["dspy.variant"] == variant
+        assert tools[tool].get("error.type") == error
+        assert tools["finish"].get("error.type") is None
