@@ -171,3 +171,17 @@ def test_plain_signature_variant_serves_beside_the_module(service_factory: Servi
     assert result["outputs"]["category"] in ("billing", "technical", "account", "other")
     assert result["output"] == result["outputs"]["reply"]
     assert set(result["metadata"]["usage_by_model"]) == {"gpt-3.5-turbo"}
+
+
+def test_cluster_models_file_matches_the_example() -> None:
+    """The Kubernetes overlay's models file serves the same variants as the example's, with the
+    state file at the path the example's Dockerfile copies it to."""
+    local = yaml.safe_load(MODELS_FILE.read_text(encoding="utf-8"))
+    cluster = yaml.safe_load((EXAMPLE / "k8s" / "models.yaml").read_text(encoding="utf-8"))
+    dockerfile = (EXAMPLE / "Dockerfile").read_text(encoding="utf-8")
+
+    assert cluster["variants"]["triage"].pop("program") == "/app/triage/triage.json"
+    assert "COPY models.yaml triage.json /app/triage/" in dockerfile
+    assert "PROGRAMS_PATH=/app/triage/programs" in dockerfile
+    local["variants"]["triage"].pop("program")
+    assert cluster == local
