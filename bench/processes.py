@@ -1,4 +1,5 @@
-"""The processes a benchmark starts: redis-server, the provider simulator, the service, the bare app.
+"""The processes a benchmark starts: redis-server, the provider simulator, the service, the bare app,
+and the driver that runs the module programs through DSPy with no service.
 
 Each is started on a free loopback port, optionally pinned to one CPU core with `taskset`, waited for
 until it answers, and stopped (killed if it must be) by whoever registered it for clean-up. Also here:
@@ -8,7 +9,9 @@ what the kernel says a process has spent (CPU time, resident memory) and a minim
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -342,3 +345,86 @@ def running(process: P, timeout: float = 60) -> Iterator[P]:
         yield process
     finally:
         process.stop()
+
+
+class DspyDirectProcess(Process):
+    """bench/dspy_direct.py: the module programs driven by DSPy in one asyncio loop, no service. It
+    is told what to run, one JSON line on its stdin per run, and answers one JSON line on stdout."""
+
+    name = "dspy-direct"
+    _MARKER = "BENCH_JSON "
+
+    def __init__(self, workdir: Path, core: int | None, api_base: str) -> None:
+        super().__init__(workdir, core)
+        self.api_base = api_base
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.dspy_direct", "--api-base", self.api_base]
+
+    def environment(self) -> dict[str, str]:
+        env = clean_environment({})
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def spawn(self) -> None:
+        with self.log_path.open("ab") as log:  # its log lines; stdout carries the answers
+            self.spawned_at = time.perf_counter()
+            self.process = subprocess.Popen(
+                pinned(self.command(), self.core),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                bufsize=0,  # unbuffered: a line read is never left in a buffer `select` cannot see
+                env=self.environment(),
+                cwd=self.workdir,
+            )
+
+    def answers(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout: float = 60) -> float:
+        self.spawn()
+        self._read_line(lambda line: line == "READY", timeout)
+        return time.perf_counter() - self.spawned_at
+
+    def ask(self, command: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one command and return the JSON it answers with."""
+        self.ensure_alive()
+        assert self.process is not None
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        self.process.stdin.flush()
+        line = self._read_line(lambda text: text.startswith(self._MARKER), timeout)
+        answer: dict[str, Any] = json.loads(line.removeprefix(self._MARKER))
+        return answer
+
+    def _read_line(self, wanted: Callable[[str], bool], timeout: float) -> str:
+        """The first line on its stdout that is `wanted`, within `timeout` seconds."""
+        assert self.process is not None
+        assert self.process.stdout is not None
+        stdout = self.process.stdout
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([stdout], [], [], left)[0]:
+                raise BenchSetupError(
+                    f"{self.name} did not answer within {timeout} s; its log:\n{self.log_tail()}"
+                )
+            raw = stdout.readline()
+            if not raw:
+                raise BenchSetupError(
+                    f"{self.name} exited with {self.process.wait()}; its log:\n{self.log_tail()}"
+                )
+            line = raw.decode(errors="replace").strip()
+            if wanted(line):
+                return line
+
+    def stop(self) -> None:
+        process = self.process
+        super().stop()
+        if process is not None:
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()

@@ -143,6 +143,11 @@ class BenchResults:
                 return scenario
         return None
 
+    def find_top(self, key: str) -> ScenarioResult | None:
+        """The scenario's result at the highest connection count it ran at."""
+        found = [s for s in self.scenarios if s.key == key and not s.failure and s.samples]
+        return max(found, key=lambda s: s.connections) if found else None
+
     @property
     def startup_median_s(self) -> float | None:
         return statistics.median(self.startup_s) if self.startup_s else None
@@ -251,6 +256,7 @@ def compute_ratios(results: BenchResults) -> list[Ratio]:
             False,
             " ms",
         ),
+        *_module_ratios(results),
         Ratio("service resident memory after the runs", results.service_rss_mb, 150.0, False, " MB"),
         Ratio("start-up: spawn to first 200 from /ready", results.startup_median_s, 2.5, False, " s"),
     ]
@@ -290,6 +296,101 @@ def compute_ratios(results: BenchResults) -> list[Ratio]:
         if value is not None:
             ratios.append(Ratio(f"(baseline) {name}", value, target, higher, unit))
     return ratios
+
+
+# The module-program scenarios (bench.run.module_scenarios), for the program with aforward ("async")
+# and the forward-only one ("sync"): through the service, driven by DSPy directly, run_program alone.
+MODULE_KEYS = {
+    program: {
+        "service": f"module_{program}",
+        "dspy": f"module_{program}_dspy",
+        "alone": f"module_{program}_run_program",
+    }
+    for program in ("async", "sync")
+}
+
+
+def _module_ratios(results: BenchResults) -> list[Ratio]:
+    def rps(key: str) -> float | None:
+        found = results.find_top(key)
+        return found.rps if found else None
+
+    def cpu(key: str) -> float | None:
+        found = results.find_top(key)
+        return found.cpu_ms if found else None
+
+    ran = [found for keys in MODULE_KEYS.values() for k in keys.values() if (found := results.find_top(k))]
+    if not ran:
+        return []
+    where = f"req/s at {ran[0].connections} conns, provider 0 ms"
+    service, dspy, sync = (
+        MODULE_KEYS["async"]["service"],
+        MODULE_KEYS["async"]["dspy"],
+        MODULE_KEYS["sync"]["service"],
+    )
+    return [
+        Ratio(
+            f"module program (aforward): service / DSPy directly (acall), {where}",
+            _divide(rps(service), rps(dspy)),
+            0.85,
+            True,
+            by_cpu=_divide(cpu(dspy), cpu(service)),
+        ),
+        Ratio(
+            f"module program, forward only / aforward, both through the service, {where}",
+            _divide(rps(sync), rps(service)),
+            0.7,
+            True,
+            by_cpu=_divide(cpu(service), cpu(sync)),
+        ),
+    ]
+
+
+def _module_lines(results: BenchResults) -> list[str]:
+    """The module programs' figures side by side, and where a module miss's CPU goes."""
+    out = []
+    redis_hit = results.find("redis_hit", 32)
+    for program, how, pool in (("async", "acall", ""), ("sync", "asyncify", ", its program-thread pool")):
+        keys = MODULE_KEYS[program]
+        service, dspy, alone = (results.find_top(keys[k]) for k in ("service", "dspy", "alone"))
+        parts = [
+            f"{label} {found.rps:,.0f} req/s, {found.cpu_ms:.2f} ms CPU per run"
+            for label, found in (
+                ("through the service", service),
+                (f"DSPy directly ({how})", dspy),
+                ("run_program alone", alone),
+            )
+            if found is not None and found.rps is not None and found.cpu_ms is not None
+        ]
+        if not parts:
+            continue
+        flavour = "with aforward" if program == "async" else "with only forward"
+        conns = next(f.connections for f in (service, dspy, alone) if f is not None)
+        out.append(
+            f"- Module program {flavour} (two Predict steps, two provider calls a run; provider 0 ms, "
+            f"{conns} connections or concurrent tasks): " + "; ".join(parts) + "."
+        )
+        if service is None or service.cpu_ms is None or dspy is None or dspy.cpu_ms is None:
+            continue
+        miss, own = service.cpu_ms, dspy.cpu_ms
+        line = (
+            f"- Where a module miss's CPU goes ({flavour}): the service spends {miss:.2f} ms; the same "
+            f"program driven by DSPy as its user calls it spends {own:.2f} ms ({100 * own / miss:.0f}% "
+            f"of the miss), so the service adds {miss - own:.2f} ms."
+        )
+        if alone is not None and alone.cpu_ms is not None:
+            path = alone.cpu_ms
+            line += (
+                f" Its own call of DSPy (run_program: a dspy.context per run, its adapter, usage "
+                f"tracking{pool}) costs {path:.2f} ms alone ({path - own:+.2f} ms against DSPy's), and "
+                f"serving it (HTTP, validation, cache look-ups and the Redis SET, cost accounting, "
+                f"metrics, log line) the remaining {miss - path:.2f} ms"
+            )
+            if redis_hit is not None and redis_hit.cpu_ms is not None:
+                line += f", of which a Redis hit's whole request path is {redis_hit.cpu_ms:.2f} ms"
+            line += "."
+        out.append(line)
+    return out
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -345,6 +446,7 @@ def render_markdown(results: BenchResults) -> str:
     if results.idle_rss_mb is not None:
         lines.append(f"- Service resident memory when just ready (idle): {results.idle_rss_mb:.0f} MB.")
     lines += _dspy_lines(results)
+    lines += _module_lines(results)
     lines += _workers_lines(results)
     lines += _noise_lines(results)
     lines += [f"- {note}" for note in results.notes]

@@ -3,7 +3,10 @@
 Starts everything it needs (redis-server, the provider simulator, the service, a bare Starlette app),
 pins the server under test to core 0 and the load generator (wrk) with everything else to core 1
 where the machine has two cores, warms up, runs each scenario at 32 connections and at 1, several
-times, and prints one table of medians with their spread and the issue's ratios. Results also go to
+times, and prints one table of medians with their spread and the issue's ratios. The module-program
+scenarios (a two-step dspy.Module with aforward, and one with only forward) run at 32 connections
+only, through the service and, with no service, driven by DSPy in one asyncio loop
+(bench/dspy_direct.py, pinned where the service would be) with 32 concurrent tasks. Results also go to
 bench/results/latest.json and latest.md. It reports; it never fails on a missed target, and exits
 non-zero only when it could not run at all.
 
@@ -11,6 +14,7 @@ non-zero only when it could not run at all.
     python -m bench.run --quick              # a smoke run: ~1-2 minutes
     python -m bench.run --duration 10 --repeat 5 --profile
     python -m bench.run --scenarios miss_50ms,direct_50ms --startups 0   # the miss path alone
+    python -m bench.run --scenarios modules --startups 0   # the module programs against DSPy alone
     python -m bench.run --scenarios miss_50ms,direct_50ms --baseline-src ../old-checkout
                                              # the same service from another checkout, interleaved
 """
@@ -36,14 +40,17 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import yaml
 
 from bench.processes import (
     BareAppProcess,
     BenchSetupError,
+    DspyDirectProcess,
     HttpProcess,
+    Process,
     RedisServer,
     ServiceProcess,
     SimulatorProcess,
@@ -64,7 +71,7 @@ from bench.results import (
     ScenarioResult,
     render_markdown,
 )
-from bench.wrk import ensure_wrk, run_wrk
+from bench.wrk import WrkResult, ensure_wrk, run_wrk
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PREDICT_PATH = "/v1/predict"
@@ -73,6 +80,25 @@ QUESTION = "What is the capital of France?"
 PREDICT_BODY = {"model": "gpt-3.5-turbo", "input": QUESTION}
 UNIQUE_PREDICT_BODY = {"model": "gpt-3.5-turbo", "input": f"__UNIQUE__ {QUESTION}"}
 SLOW_PROVIDER_MS = 50.0
+# The module programs (bench/programs/two_step.py), served as `module:` variants of the bench's own
+# models file, and driven without the service by bench/dspy_direct.py.
+PROGRAMS_DIR = Path(__file__).resolve().parent / "programs"
+MODULE_VARIANTS = {"async": "two_step_async", "sync": "two_step_sync"}
+MODELS_FILE = {
+    "default_variant": "baseline",
+    "models": {
+        "gpt-3.5-turbo": {
+            "name": "openai/gpt-3.5-turbo",
+            "cost_per_1k_input_tokens": 0.0005,
+            "cost_per_1k_output_tokens": 0.0015,
+        }
+    },
+    "variants": {
+        "baseline": {"signature": "question -> answer"},
+        MODULE_VARIANTS["async"]: {"module": "two_step:TwoStepAsync"},
+        MODULE_VARIANTS["sync"]: {"module": "two_step:TwoStepSync"},
+    },
+}
 REDIS_KEYS = 256
 # A run during which other processes took more than this share of the server's core, while the
 # server itself was busy, is run again (within a budget): the machine may be shared.
@@ -90,6 +116,15 @@ class Scenario:
     expect_cache: str | None = None  # the cache level a repeated request must report
     key_pool: int | None = None  # cycle through this many cached keys (needs the "unique" body)
     workers: int = 1  # WORKERS for the service; above 1 it is not pinned: it has every core
+    program: str | None = None  # a module program of bench/programs/two_step.py: async | sync
+    # Driven by bench/dspy_direct.py, not over HTTP: "direct" (DSPy as its user calls it) or
+    # "run_program" (the service's own call path, no service around it).
+    mode: str | None = None
+    top_only: bool = False  # run at the highest connection count only
+
+    @property
+    def direct(self) -> bool:
+        return self.mode is not None
 
 
 BARE = Scenario("bare", "bare Starlette app (ceiling)", PREDICT_PATH, "predict")
@@ -125,6 +160,46 @@ def two_workers_of(scenario: Scenario) -> Scenario:
 
 
 MEMORY_HIT_2W, MISS_0_2W, MISS_50_2W = (two_workers_of(s) for s in (MEMORY_HIT, MISS_0, MISS_50))
+
+
+def module_scenarios(program: str, how: str) -> tuple[Scenario, Scenario, Scenario]:
+    """A module program's misses through the service, the same program driven by DSPy in one loop
+    (`how` it calls it), and the service's own call path of DSPy alone; provider 0 ms, top conns."""
+    key, flavour = f"module_{program}", f"module program ({program})"
+    through = Scenario(
+        key,
+        f"{flavour}, miss, provider 0 ms",
+        PREDICT_PATH,
+        key,
+        unique=True,
+        provider_ms=0.0,
+        program=program,
+        top_only=True,
+    )
+    direct = replace(
+        through, key=key + "_dspy", label=f"{flavour} by DSPy directly ({how}), no service", mode="direct"
+    )
+    alone = replace(
+        through,
+        key=key + "_run_program",
+        label=f"{flavour} by run_program alone, no service",
+        mode="run_program",
+    )
+    return through, direct, alone
+
+
+MODULE_ASYNC, MODULE_ASYNC_DSPY, MODULE_ASYNC_RUN = module_scenarios("async", "acall")
+MODULE_SYNC, MODULE_SYNC_DSPY, MODULE_SYNC_RUN = module_scenarios("sync", "asyncify")
+MODULE_SCENARIOS = (
+    MODULE_ASYNC,
+    MODULE_ASYNC_DSPY,
+    MODULE_ASYNC_RUN,
+    MODULE_SYNC,
+    MODULE_SYNC_DSPY,
+    MODULE_SYNC_RUN,
+)
+# Names that --scenarios takes for several scenarios at once.
+SCENARIO_GROUPS = {"modules": tuple(s.key for s in MODULE_SCENARIOS)}
 SCENARIOS = (
     BARE,
     MEMORY_HIT,
@@ -136,8 +211,10 @@ SCENARIOS = (
     MEMORY_HIT_2W,
     MISS_0_2W,
     MISS_50_2W,
+    *MODULE_SCENARIOS,
 )
 BASELINE_SUFFIX = "@baseline"
+_P = TypeVar("_P", bound=Process)
 
 
 def baseline_of(scenario: Scenario) -> Scenario:
@@ -203,6 +280,23 @@ class Bench:
             "unique": self._write_body("unique", UNIQUE_PREDICT_BODY),
             "chat": workdir / "chat.json",  # written by the DSPy probe
         }
+        for program, variant in MODULE_VARIANTS.items():
+            body = {
+                "model": "gpt-3.5-turbo",
+                "variant": variant,
+                "inputs": {"question": f"__UNIQUE__ {QUESTION}"},
+            }
+            self.bodies[f"module_{program}"] = self._write_body(f"module_{program}", body)
+
+    def connections_of(self, scenario: Scenario) -> tuple[int, ...]:
+        """The connection counts (concurrent tasks, driven directly) a scenario runs at."""
+        return (max(self.options.connections),) if scenario.top_only else self.options.connections
+
+    def models_file(self) -> Path:
+        """The models file of the service that serves the module programs."""
+        path = self.workdir / "models.yaml"
+        path.write_text(yaml.safe_dump(MODELS_FILE, sort_keys=False))
+        return path
 
     def _write_body(self, name: str, body: dict[str, Any]) -> Path:
         path = self.workdir / f"{name}.json"
@@ -225,9 +319,38 @@ class Bench:
             },
         )
 
-    def check(self, scenario: Scenario, server: HttpProcess) -> str:
+    def check(self, scenario: Scenario, server: Process) -> str:
         """Two requests before measuring: both must succeed; through the service, a unique input must
-        be a miss the first time, and a repeated request must come from the expected cache level."""
+        be a miss the first time, and a repeated request must come from the expected cache level.
+        A module program must make its two provider calls (a miss), and none for the repeat (a hit)."""
+        if isinstance(server, DspyDirectProcess):
+            return self.check_direct(scenario, server)
+        assert isinstance(server, HttpProcess)
+        calls_before = self.simulator.calls()
+        outcome = self.check_http(scenario, server)
+        if scenario.program is not None:
+            calls = self.simulator.calls() - calls_before
+            if calls != 2:
+                raise RuntimeError(
+                    f"a miss and a hit of the two-step program made {calls} provider calls, not 2"
+                )
+            outcome += "; provider calls of both: 2"
+        return outcome
+
+    def check_direct(self, scenario: Scenario, server: DspyDirectProcess) -> str:
+        """One run of the program in the DSPy driver: two provider calls, and an answer."""
+        calls_before = self.simulator.calls()
+        command = {"program": scenario.program, "mode": scenario.mode, "check": True}
+        answer = server.ask({**command, "prefix": f"check-{scenario.key}-{self.nonce}"}, timeout=30)
+        calls = self.simulator.calls() - calls_before
+        fields = answer["fields"]
+        if not fields.get("answer"):
+            raise RuntimeError(f"the program answered without an answer: {fields}")
+        if calls != 2:
+            raise RuntimeError(f"one run of the two-step program made {calls} provider calls, not 2")
+        return f"one run: 2 provider calls, output fields {', '.join(fields)}"
+
+    def check_http(self, scenario: Scenario, server: HttpProcess) -> str:
         body = self.bodies[scenario.body].read_bytes()
         if scenario.key_pool:
             self.fill(scenario, server)
@@ -282,7 +405,7 @@ class Bench:
 
         asyncio.run(post_all())
 
-    def prepare(self, scenario: Scenario, server: HttpProcess) -> None:
+    def prepare(self, scenario: Scenario, server: Process) -> None:
         """Put the simulator where the scenario needs it: latency, and core 0 when it is the server."""
         if scenario.provider_ms is not None and scenario.provider_ms != self._provider_ms:
             self.simulator.configure(latency_ms=scenario.provider_ms)
@@ -293,7 +416,7 @@ class Bench:
             self._simulator_core = core
 
     def one_run(
-        self, scenario: Scenario, server: HttpProcess, connections: int, duration_s: int, tag: str
+        self, scenario: Scenario, server: Process, connections: int, duration_s: int, tag: str
     ) -> RunSample:
         for process in (server, self.redis, self.simulator):
             process.ensure_alive()
@@ -309,17 +432,22 @@ class Bench:
             unique = self._pool_prefix
         elif scenario.unique:
             unique = f"{scenario.key}-{tag}-{self.nonce}"
-        result = run_wrk(
-            wrk=self.wrk,
-            url=server.url,
-            path=scenario.path,
-            body_file=self.bodies[scenario.body],
-            connections=connections,
-            duration_s=duration_s,
-            core=self.options.load_core,
-            unique=unique,
-            cycle=scenario.key_pool,
-        )
+        if isinstance(server, DspyDirectProcess):
+            result, calls = self.run_direct(scenario, server, connections, duration_s, unique or tag)
+        else:
+            assert isinstance(server, HttpProcess)
+            result = run_wrk(
+                wrk=self.wrk,
+                url=server.url,
+                path=scenario.path,
+                body_file=self.bodies[scenario.body],
+                connections=connections,
+                duration_s=duration_s,
+                core=self.options.load_core,
+                unique=unique,
+                cycle=scenario.key_pool,
+            )
+            calls = result.requests
         cpu_spent = tree_cpu_seconds(server.pid) - cpu_before
         foreign = None
         if server_core is not None and result.duration_s > 0:
@@ -328,19 +456,49 @@ class Bench:
         # INFO itself counts: the call before is not in its own total, the call after is.
         redis_spent = self.redis.stats().get("total_commands_processed", 0) - redis_before - 1
         calls_spent = self.simulator.calls() - calls_before
-        requests = max(result.requests, 1)
-        through_service = server is not self.simulator
+        # Per request served; driven directly, per call made (those in flight at the deadline
+        # included: the driver waits for them, so their CPU is in what it spent).
+        requests = max(calls, 1)
+        through_service = server is not self.simulator and not scenario.direct
         return RunSample(
             wrk=result,
             cpu_ms_per_request=1000 * cpu_spent / requests,
-            provider_calls_per_request=calls_spent / requests if through_service else None,
+            provider_calls_per_request=calls_spent / requests if server is not self.simulator else None,
             redis_commands_per_request=redis_spent / requests if through_service else None,
             foreign_cpu_share=foreign,
             server_cpu_share=cpu_spent / result.duration_s if result.duration_s > 0 else None,
         )
 
+    def run_direct(
+        self, scenario: Scenario, server: DspyDirectProcess, tasks: int, duration_s: int, prefix: str
+    ) -> tuple[WrkResult, int]:
+        """One run of the DSPy driver: its result as wrk's would be, and the calls it made."""
+        answer = server.ask(
+            {
+                "program": scenario.program,
+                "mode": scenario.mode,
+                "tasks": tasks,
+                "duration_s": duration_s,
+                "prefix": prefix,
+            },
+            timeout=duration_s + 60,
+        )
+        latency = answer["latency_us"]
+        result = WrkResult(
+            requests=int(answer["requests"]),
+            duration_s=int(answer["duration_us"]) / 1e6,
+            errors_socket=0,
+            errors_status=int(answer["errors"]),  # calls that raised
+            p50_ms=latency["p50"] / 1000,
+            p90_ms=latency["p90"] / 1000,
+            p99_ms=latency["p99"] / 1000,
+            mean_ms=latency["mean"] / 1000,
+            max_ms=latency["max"] / 1000,
+        )
+        return result, int(answer["calls"])
+
     def one_run_undisturbed(
-        self, scenario: Scenario, server: HttpProcess, connections: int, round_no: int
+        self, scenario: Scenario, server: Process, connections: int, round_no: int
     ) -> RunSample:
         """One measured run; run again while others took the server's core from under a busy server."""
         attempt = 0
@@ -357,7 +515,7 @@ class Bench:
             attempt += 1
             _log(f"{scenario.key} c={connections}: others took {100 * foreign:.0f}% of the core: run again")
 
-    def warm_up(self, scenario: Scenario, server: HttpProcess) -> str | None:
+    def warm_up(self, scenario: Scenario, server: Process) -> str | None:
         """Check the scenario answers as it must and warm it up; the failure, if it cannot run."""
         try:
             self.prepare(scenario, server)
@@ -370,14 +528,14 @@ class Bench:
         self._checks[scenario.key] = check
         return None
 
-    def measure(self, plan: list[tuple[Scenario, HttpProcess]]) -> None:
+    def measure(self, plan: list[tuple[Scenario, Process]]) -> None:
         """Each round runs every scenario at every connection count once, so that drift in the
         machine's load spreads over all scenarios alike instead of landing on one of them."""
         outcomes: dict[tuple[str, int], ScenarioResult] = {}
-        runnable: list[tuple[Scenario, HttpProcess]] = []
+        runnable: list[tuple[Scenario, Process]] = []
         for scenario, server in plan:
             failure = self.warm_up(scenario, server)
-            for connections in self.options.connections:
+            for connections in self.connections_of(scenario):
                 outcome = ScenarioResult(
                     scenario.key,
                     scenario.label,
@@ -389,10 +547,11 @@ class Bench:
                 self.results.scenarios.append(outcome)
             if failure is None:
                 runnable.append((scenario, server))
-        self.reruns_left = len(runnable) * len(self.options.connections)  # one round's worth
+        # one round's worth
+        self.reruns_left = sum(len(self.connections_of(scenario)) for scenario, _ in runnable)
         for round_no in range(self.options.repeat):
             for scenario, server in runnable:
-                for connections in self.options.connections:
+                for connections in self.connections_of(scenario):
                     outcome = outcomes[scenario.key, connections]
                     if outcome.failure:
                         continue
@@ -411,7 +570,7 @@ class Bench:
                         + (f"  other load on server core {100 * foreign:.0f}%" if foreign is not None else "")
                     )
         for scenario, server in plan:
-            for connections in self.options.connections:
+            for connections in self.connections_of(scenario):
                 outcomes[scenario.key, connections].rss_mb = tree_rss_mb(server.pid)
         if self.reruns:
             self.results.notes.append(
@@ -419,7 +578,7 @@ class Bench:
                 f"{100 * DISTURBED_SHARE:.0f}% of the server's core while the server was busy"
             )
 
-    def profile(self, scenario: Scenario, server: HttpProcess) -> None:
+    def profile(self, scenario: Scenario, server: Process) -> None:
         """One extra run at the highest connection count with py-spy attached (not in the table)."""
         py_spy = find_py_spy()
         if py_spy is None:
@@ -525,9 +684,9 @@ def run_all(options: Options, results: BenchResults) -> None:
 
         # Every server stays up, idle when it is not the one under load, all on the server core.
         wanted = set(options.scenarios)
-        servers: list[HttpProcess] = []
+        servers: list[Process] = []
 
-        def start(process: HttpProcess) -> HttpProcess:
+        def start(process: _P) -> _P:
             servers.append(stack.enter_context(running(process)))
             return process
 
@@ -546,7 +705,14 @@ def run_all(options: Options, results: BenchResults) -> None:
         if wanted & {MEMORY_HIT_2W.key, MISS_0_2W.key, MISS_50_2W.key}:
             two_workers = start(bench.service(workers=2))
         bare = start(BareAppProcess(workdir, options.server_core)) if BARE.key in wanted else None
-        server_of: dict[str, tuple[HttpProcess | None, HttpProcess | None]] = {
+        modules = direct = None
+        if any(s.key in wanted and s.program is not None and not s.direct for s in MODULE_SCENARIOS):
+            modules = start(
+                bench.service(MODELS_CONFIG=str(bench.models_file()), PROGRAMS_PATH=str(PROGRAMS_DIR))
+            )
+        if any(s.key in wanted and s.direct for s in MODULE_SCENARIOS):
+            direct = start(DspyDirectProcess(workdir, options.server_core, simulator.api_base))
+        server_of: dict[str, tuple[Process | None, Process | None]] = {
             BARE.key: (bare, None),
             MEMORY_HIT.key: (service, base_service),
             REDIS_HIT.key: (redis_only, base_redis_only),
@@ -557,8 +723,9 @@ def run_all(options: Options, results: BenchResults) -> None:
             MEMORY_HIT_2W.key: (two_workers, None),
             MISS_0_2W.key: (two_workers, None),
             MISS_50_2W.key: (two_workers, None),
+            **{s.key: (direct if s.direct else modules, None) for s in MODULE_SCENARIOS},
         }
-        plan: list[tuple[Scenario, HttpProcess]] = []
+        plan: list[tuple[Scenario, Process]] = []
         for scenario in SCENARIOS:
             if scenario.key not in wanted:
                 continue
@@ -569,7 +736,7 @@ def run_all(options: Options, results: BenchResults) -> None:
                 plan.append((baseline_of(scenario), baseline))
         bench.measure(plan)
         if options.profile:
-            for scenario in (MEMORY_HIT, REDIS_HIT, MISS_0):
+            for scenario in (MEMORY_HIT, REDIS_HIT, MISS_0, MODULE_ASYNC, MODULE_ASYNC_DSPY, MODULE_SYNC):
                 server = server_of[scenario.key][0]
                 if scenario.key in wanted and server is not None:
                     bench.profile(scenario, server)
@@ -622,7 +789,8 @@ def parse_options(argv: list[str] | None) -> tuple[Options, str]:
     parser.add_argument(
         "--scenarios",
         default=",".join(s.key for s in SCENARIOS),
-        help="comma-separated scenarios to run (default all: %(default)s)",
+        help="comma-separated scenarios to run, or `modules` for every module-program one "
+        "(default all: %(default)s)",
     )
     parser.add_argument(
         "--baseline-src",
@@ -637,7 +805,8 @@ def parse_options(argv: list[str] | None) -> tuple[Options, str]:
     if args.duration < 1 or args.warmup < 1 or args.repeat < 1 or not connections or min(connections) < 1:
         parser.error("--duration, --warmup, --repeat and every connection count must be at least 1")
     known = {s.key for s in SCENARIOS}
-    scenarios = tuple(key.strip() for key in args.scenarios.split(",") if key.strip())
+    named = [key.strip() for key in args.scenarios.split(",") if key.strip()]
+    scenarios = tuple(dict.fromkeys(k for key in named for k in SCENARIO_GROUPS.get(key, (key,))))
     unknown = sorted(set(scenarios) - known)
     if unknown or not scenarios:
         parser.error(
