@@ -25,8 +25,17 @@ CacheLevel = Literal["memory", "redis"]
 CACHE_KEY_PREFIX = KEY_PREFIX + "cache:"
 
 
+def cache_namespace(*, service_name: str, provider: str, dspy_version: str) -> str:
+    """What every key of this deployment shares: its service name (staging and production may share
+    a Redis), the provider endpoint in use (a simulator's answers must never reach a real
+    deployment), DSPy's version (it writes the prompts) and the cached answers' format."""
+    return f"{service_name}|{provider}|dspy {dspy_version}|format {_FORMAT}"
+
+
 def cache_key(
     *,
+    namespace: str,
+    scope: str | None,
     model: str,
     model_id: str,
     variant: str,
@@ -39,10 +48,12 @@ def cache_key(
     `model_id` is the provider model behind the public name and `program_fingerprint` the hash of the
     program's code and state, so a re-pointed model or a re-optimized program never serves old
     answers. `inputs` are the program's inputs in canonical form (validated, as JSON), so `input`
-    and the equivalent `inputs` share a key.
+    and the equivalent `inputs` share a key; `parameters` are the checked LM options (`max_tokens`
+    5 and 5.0 are one). `scope` is the tenant with CACHE_SCOPE=tenant, else None.
     """
     material = orjson.dumps(
-        [model, model_id, variant, program_fingerprint, inputs, parameters], option=orjson.OPT_SORT_KEYS
+        [namespace, scope, model, model_id, variant, program_fingerprint, inputs, parameters],
+        option=orjson.OPT_SORT_KEYS,
     )
     return hashlib.blake2b(material, digest_size=20).hexdigest()
 
@@ -87,20 +98,44 @@ class CachedAnswer:
         return cls(outputs, main_output, model_served, int(input_tokens), int(output_tokens), cost_usd)
 
 
-class MemoryCache:
-    """Bounded LRU with one TTL for every entry (cachetools' TTLCache)."""
+# What an entry costs in memory beyond its answer's JSON: the dataclass, the dict, the key, the
+# cache's own bookkeeping. An estimate, so that small answers are not counted as free.
+ENTRY_OVERHEAD_BYTES = 1024
 
-    def __init__(self, max_entries: int, ttl_secs: float) -> None:
-        self._entries: TTLCache[str, CachedAnswer] | None = (
-            TTLCache(maxsize=max_entries, ttl=ttl_secs) if max_entries > 0 else None
-        )
+
+class MemoryCache:
+    """Bounded LRU with one TTL for every entry (cachetools' TTLCache), bounded both in entries and
+    in bytes: each entry weighs its answer's JSON size plus ENTRY_OVERHEAD_BYTES, and at least
+    max_bytes / max_entries, so that neither bound can be exceeded."""
+
+    def __init__(self, max_entries: int, ttl_secs: float, max_bytes: int | None = None) -> None:
+        self._entries: TTLCache[str, tuple[CachedAnswer, int]] | None = None
+        if max_entries > 0 and (max_bytes is None or max_bytes > 0):
+            budget = max_bytes if max_bytes is not None else max_entries * 64 * 1024
+            floor = max(1, budget // max_entries)
+            self._entries = TTLCache(
+                maxsize=budget, ttl=ttl_secs, getsizeof=lambda entry: max(floor, entry[1])
+            )
+            self.max_bytes = budget
+        else:
+            self.max_bytes = 0
 
     def get(self, key: str) -> CachedAnswer | None:
-        return self._entries.get(key) if self._entries is not None else None
+        if self._entries is None:
+            return None
+        found = self._entries.get(key)
+        return found[0] if found is not None else None
 
-    def set(self, key: str, answer: CachedAnswer) -> None:
+    def set(self, key: str, answer: CachedAnswer, size: int) -> None:
+        """Keep `answer` (whose JSON is `size` bytes); one larger than the whole bound is not kept."""
         if self._entries is not None:
-            self._entries[key] = answer
+            weight = size + ENTRY_OVERHEAD_BYTES
+            if weight <= self.max_bytes:
+                self._entries[key] = (answer, weight)
+
+    @property
+    def current_bytes(self) -> int:
+        return int(self._entries.currsize) if self._entries is not None else 0
 
     def __len__(self) -> int:
         if self._entries is None:
@@ -128,7 +163,8 @@ class RedisCache:
     def available(self) -> bool:
         return self._link.connected
 
-    async def get(self, key: str) -> CachedAnswer | None:
+    async def get(self, key: str) -> tuple[CachedAnswer, int] | None:
+        """The entry under `key` and its size in bytes, or None."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes | None] = loop.create_future()
         if not self._waiting:
@@ -138,7 +174,7 @@ class RedisCache:
         if raw is None:
             return None
         try:
-            return CachedAnswer.from_bytes(raw)
+            return CachedAnswer.from_bytes(raw), len(raw)
         except (orjson.JSONDecodeError, ValueError, TypeError):
             return None  # an entry of another shape is a miss; the next set overwrites it
 
@@ -159,8 +195,7 @@ class RedisCache:
                 if not future.done():
                     future.set_result(value if isinstance(value, bytes) else None)
 
-    async def set(self, key: str, answer: CachedAnswer) -> None:
-        payload = answer.to_bytes()
+    async def set(self, key: str, payload: bytes) -> None:
         await self._link.call(lambda client: client.set(CACHE_KEY_PREFIX + key, payload, ex=self._ttl))
 
 
@@ -171,7 +206,10 @@ class TwoLevelCache:
         redis: RedisCache | None,
         metrics: Metrics,
         tracing: Tracing | None = None,
+        *,
+        max_entry_bytes: int = 1024 * 1024,
     ) -> None:
+        self._max_entry_bytes = max_entry_bytes
         self.memory = memory
         self.redis = redis
         self._metrics = metrics
@@ -204,10 +242,16 @@ class TwoLevelCache:
             self._metrics.cache_miss_redis.inc()
             return None
         self._metrics.cache_hit_redis.inc()
-        self.memory.set(key, found)
-        return found
+        answer, size = found
+        self.memory.set(key, answer, size)
+        return answer
 
     async def set(self, key: str, answer: CachedAnswer) -> None:
-        self.memory.set(key, answer)
+        """Store in both levels; an answer over CACHE_MAX_ENTRY_BYTES in neither (and counted)."""
+        payload = answer.to_bytes()
+        if len(payload) > self._max_entry_bytes:
+            self._metrics.cache_skipped_too_large.inc()
+            return
+        self.memory.set(key, answer, len(payload))
         if self.redis is not None and self.redis.available:
-            await self.redis.set(key, answer)
+            await self.redis.set(key, payload)

@@ -143,6 +143,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.cache_skipped = Counter(
+            "dspy_cache_skipped",
+            "Answers stored in neither cache level, by reason (too_large: over CACHE_MAX_ENTRY_BYTES).",
+            ["reason"],
+            registry=registry,
+        )
+        self.cache_skipped_too_large = self.cache_skipped.labels("too_large")
         self.cache_hit_memory = self.cache_operations.labels("memory", "hit")
         self.cache_miss_memory = self.cache_operations.labels("memory", "miss")
         self.cache_hit_redis = self.cache_operations.labels("redis", "hit")

@@ -32,6 +32,10 @@ class ModelSpec(_Strict):
     api_base: str | None = None
     api_key_env: str | None = None
     fallbacks: tuple[str, ...] = ()
+    # Cache answers to sampled requests (temperature above 0 and no seed)? Such a request asks for
+    # a fresh draw, so a cached one answers it with what another caller drew. Yes by default (as
+    # before: most callers sample only to vary style); false gives every such request its own call.
+    cache_sampled: bool = True
 
     @model_validator(mode="after")
     def _prices_come_in_pairs(self) -> ModelSpec:

@@ -115,7 +115,11 @@ class Predictor:
         threads: ProgramThreads,
         budgets: Budgets | None = None,
         tracing: Tracing | None = None,
+        cache_namespace: str = "",
+        tenant_scoped_cache: bool = False,
     ) -> None:
+        self._cache_namespace = cache_namespace  # deployment, provider, DSPy version (cache.py)
+        self._tenant_scoped_cache = tenant_scoped_cache  # CACHE_SCOPE=tenant
         self._threads = threads  # runs programs that have only a synchronous forward
         self._budgets = budgets  # daily spend budgets: checked before a miss goes upstream
         self._tracing = tracing  # None: tracing is off
@@ -171,9 +175,12 @@ class Predictor:
         )
 
     def _cache_key(self, route: Route) -> str:
+        spec = route.model
         return cache_key(
-            model=route.model.key,
-            model_id=route.model.name,
+            namespace=self._cache_namespace,
+            scope=route.tenant if self._tenant_scoped_cache else None,
+            model=spec.key,
+            model_id=f"{spec.name}@{spec.api_base}" if spec.api_base else spec.name,
             variant=route.program.variant,
             program_fingerprint=route.program.fingerprint,
             inputs=route.canonical_inputs,
@@ -186,7 +193,7 @@ class Predictor:
         model_key, variant = route.model.key, route.program.variant
         metrics = self._metrics.route(model_key, variant)
         key = None
-        if request.use_cache:
+        if request.use_cache and _cacheable(route):
             key = self._cache_key(route)
             hit = self._cache.get_memory(key)
             if hit is not None:  # answered without awaiting anything: never "in flight"
@@ -223,7 +230,7 @@ class Predictor:
         model_key, variant = route.model.key, route.program.variant
         metrics = self._metrics.route(model_key, variant)
         key = None
-        if request.use_cache:
+        if request.use_cache and _cacheable(route):
             key = self._cache_key(route)
             hit = self._cache.get_memory(key)
             if hit is not None:
@@ -607,6 +614,14 @@ class Predictor:
             )
         status = f" (HTTP {failure.status})" if failure.status else ""
         return ProviderError(f"model {spec.key!r} failed{status}: {failure.kind}")
+
+
+def _cacheable(route: Route) -> bool:
+    """False for a sampled request (temperature above 0, no seed) to a model with cache_sampled off."""
+    if route.model.cache_sampled:
+        return True
+    options = route.lm_options
+    return not (options.get("temperature", 0) > 0 and "seed" not in options)
 
 
 def _whole_chunk(route: Route, result: Prediction) -> StreamChunk:

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from dspy_service.api_keys import Keyring, load_keyring
 from dspy_service.breaker import BreakerState, CircuitBreaker
 from dspy_service.budgets import Budgets
-from dspy_service.cache import MemoryCache, RedisCache, TwoLevelCache
+from dspy_service.cache import MemoryCache, RedisCache, TwoLevelCache, cache_namespace
 from dspy_service.costs import CostLedger, Price, configured_price
 from dspy_service.errors import ConfigError
 from dspy_service.logs import get_logger
@@ -28,13 +28,14 @@ from dspy_service.programs import (
     ToolObserver,
     bundled_price,
     configure_dspy,
+    dspy_version,
     load_program,
     pin_predictors,
     use_program_dirs,
 )
 from dspy_service.ratelimit import RateLimiter
 from dspy_service.redis_link import RedisLink
-from dspy_service.settings import Settings
+from dspy_service.settings import Settings, redact_url
 from dspy_service.tracing import Tracing, build_tracing
 
 if TYPE_CHECKING:
@@ -240,10 +241,13 @@ def build_services(
             redacted_url=settings.redacted_redis_url(),
         )
     cache = TwoLevelCache(
-        MemoryCache(settings.memory_cache_size, settings.memory_cache_ttl_secs),
+        MemoryCache(
+            settings.memory_cache_size, settings.memory_cache_ttl_secs, settings.memory_cache_max_bytes
+        ),
         RedisCache(link, settings.redis_cache_ttl_secs) if link is not None else None,
         metrics,
         tracing,
+        max_entry_bytes=settings.cache_max_entry_bytes,
     )
 
     breakers = {key: build_breaker(key, settings, metrics) for key in models_config.models}
@@ -268,6 +272,12 @@ def build_services(
         threads=threads,
         budgets=budgets,
         tracing=tracing,
+        cache_namespace=cache_namespace(
+            service_name=settings.service_name,
+            provider="simulator" if settings.uses_simulator else redact_url(provider_url or "default"),
+            dspy_version=dspy_version(),
+        ),
+        tenant_scoped_cache=settings.effective_cache_scope == "tenant",
     )
     return Services(
         settings=settings,

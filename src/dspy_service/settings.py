@@ -41,8 +41,16 @@ class Settings(BaseSettings):
     redis_required: bool = False
     redis_timeout_secs: float = Field(default=0.25, gt=0, le=10)
     memory_cache_size: int = Field(default=10_000, ge=0)
+    # The memory level's bound in bytes (of the answers' JSON, plus a fixed 1 KiB per entry for the
+    # objects around it): the shipped pods have 512 MiB, of which the process needs about 100 MiB.
+    memory_cache_max_bytes: int = Field(default=128 * 1024 * 1024, ge=0)
+    # An answer larger than this (its JSON) is stored in neither level (dspy_cache_skipped_total).
+    cache_max_entry_bytes: int = Field(default=1024 * 1024, ge=1)
     memory_cache_ttl_secs: float = Field(default=300, gt=0)
     redis_cache_ttl_secs: int = Field(default=3600, gt=0)
+    # Who shares cached answers: "tenant" (the API key's tenant is part of the key; the default when
+    # API keys are on) or "global" (every caller shares them; the default without API keys).
+    cache_scope: Literal["tenant", "global"] | None = None
 
     circuit_breaker_failure_threshold: int = Field(default=5, ge=1)
     circuit_breaker_success_threshold: int = Field(default=2, ge=1)
@@ -117,6 +125,12 @@ class Settings(BaseSettings):
         return parse_rate_limit(self.rate_limit)
 
     @property
+    def effective_cache_scope(self) -> Literal["tenant", "global"]:
+        if self.cache_scope is not None:
+            return self.cache_scope
+        return "tenant" if self.api_keys is not None or self.api_keys_file is not None else "global"
+
+    @property
     def program_dirs(self) -> tuple[Path, ...]:
         """PROGRAMS_PATH as directories, in search order (default: the models file's directory)."""
         if not self.programs_path.strip():
@@ -150,6 +164,7 @@ class Settings(BaseSettings):
         if self.openai_base_url is not None:
             view["openai_base_url"] = redact_url(self.openai_base_url)
         view["models_config"] = str(self.models_config)
+        view["cache_scope"] = self.effective_cache_scope
         view["api_keys"] = "***" if self.api_keys is not None else None
         view["api_keys_file"] = str(self.api_keys_file) if self.api_keys_file is not None else None
         for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):

@@ -77,6 +77,7 @@ class Knobs:
     fail_next: int = 0
     stream_chunk_ms: float = 1.0  # pause between streamed chunks
     stream_break_after: int | None = None  # cut streams off (connection dropped) after this many chunks
+    answer_pad_chars: int = 0  # make every text answer this many characters longer (large answers)
 
     def update(self, changes: dict[str, Any]) -> None:
         for name, value in changes.items():
@@ -516,8 +517,13 @@ def _answer_values(messages: list[dict[str, Any]]) -> dict[str, Any]:
     return {spec.name: _value_for(spec, seed) for spec in fields}
 
 
-def _compose_answer(messages: list[dict[str, Any]], as_json: bool) -> str:
+def _compose_answer(messages: list[dict[str, Any]], as_json: bool, pad_chars: int = 0) -> str:
     values = _answer_values(messages)
+    if pad_chars > 0:
+        values = {
+            name: f"{value} {'x' * pad_chars}" if isinstance(value, str) else value
+            for name, value in values.items()
+        }
     if as_json:
         return orjson.dumps(values).decode()
     parts = []
@@ -565,7 +571,7 @@ class Simulator:
             headers = {"Retry-After": f"{knobs.retry_after:g}"} if knobs.retry_after is not None else None
             return _json_error(knobs.error_status, f"simulated provider error {knobs.error_status}", headers)
 
-        content = _compose_answer(messages, _wants_json(body, messages))
+        content = _compose_answer(messages, _wants_json(body, messages), self.knobs.answer_pad_chars)
         prompt_tokens = sum(count_tokens(_message_text(m)) for m in messages)
         completion_tokens = count_tokens(content)
         stats.prompt_tokens += prompt_tokens

@@ -173,6 +173,7 @@ class Simulator:
             fail_next=0,
             stream_chunk_ms=1,
             stream_break_after=None,
+            answer_pad_chars=0,
         )
         self.http.post("/_sim/reset").raise_for_status()
 

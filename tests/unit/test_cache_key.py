@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from dspy_service.cache import CachedAnswer, MemoryCache, cache_key
 
 BASE: dict[str, Any] = {
+    "namespace": "svc|simulator|dspy 3.4.1|format 2",
+    "scope": None,
     "model": "gpt-4",
     "model_id": "openai/gpt-4",
     "variant": "baseline",
@@ -37,11 +39,12 @@ def test_parameter_order_does_not_change_the_key(params: dict[str, Any]) -> None
 
 
 @given(
-    st.sampled_from(["model", "model_id", "variant", "program_fingerprint", "inputs"]),
+    st.sampled_from(["namespace", "scope", "model", "model_id", "variant", "program_fingerprint", "inputs"]),
     st.text(max_size=30),
 )
 def test_any_change_to_an_identity_field_changes_the_key(field: str, value: str) -> None:
-    """Changing model, provider model, variant, program or input gives another key."""
+    """Changing the deployment (service, provider endpoint, DSPy version), the tenant scope, model,
+    provider model, variant, program or input gives another key."""
     changed = {**BASE, field: {"question": value} if field == "inputs" else value}
     if changed[field] != BASE[field]:
         assert cache_key(**changed) != cache_key(**BASE)
@@ -78,10 +81,33 @@ def test_memory_cache_evicts_least_recently_used() -> None:
     """A full memory level drops the entry used least recently."""
     cache = MemoryCache(max_entries=2, ttl_secs=60)
     answers = [CachedAnswer({"n": i}, "n", "m", 0, 0, 0.0) for i in range(3)]
-    cache.set("a", answers[0])
-    cache.set("b", answers[1])
+    cache.set("a", answers[0], 10)
+    cache.set("b", answers[1], 10)
     assert cache.get("a") is answers[0]
-    cache.set("c", answers[2])
+    cache.set("c", answers[2], 10)
     assert cache.get("b") is None
     assert cache.get("a") is answers[0]
     assert len(cache) == 2
+
+
+def test_memory_cache_is_bounded_in_bytes_as_well_as_entries() -> None:
+    """Large answers evict others long before the entry bound: the level never holds more bytes
+    (JSON plus the per-entry overhead) than MEMORY_CACHE_MAX_BYTES; one larger than it is not kept."""
+    cache = MemoryCache(max_entries=10_000, ttl_secs=60, max_bytes=1_000_000)
+    big = CachedAnswer({"answer": "x" * 100_000}, "answer", "m", 0, 0, 0.0)
+    for n in range(50):
+        cache.set(str(n), big, 100_000)
+    assert len(cache) == 9  # 9 x (100,000 + 1 KiB) fit in 1,000,000 bytes
+    assert cache.current_bytes <= 1_000_000
+    assert cache.get("49") is big
+    assert cache.get("0") is None
+    cache.set("huge", big, 2_000_000)
+    assert cache.get("huge") is None
+
+
+def test_memory_cache_entry_bound_still_holds_for_small_answers() -> None:
+    """Tiny answers weigh at least max_bytes / max_entries, so the entry bound holds too."""
+    cache = MemoryCache(max_entries=5, ttl_secs=60, max_bytes=1_000_000)
+    for n in range(20):
+        cache.set(str(n), CachedAnswer({"n": n}, "n", "m", 0, 0, 0.0), 10)
+    assert len(cache) == 5

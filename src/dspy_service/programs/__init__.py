@@ -11,7 +11,7 @@
 
 from dspy_service.programs.failures import FailureKind, ProgramFailed, UsageByModel
 from dspy_service.programs.fields import FieldSpec, InputSchema
-from dspy_service.programs.lms import LM_OPTIONS, LanguageModels, bundled_price
+from dspy_service.programs.lms import LM_OPTIONS, LanguageModels, bundled_price, dspy_version
 from dspy_service.programs.loading import (
     LoadedProgram,
     PredictorInfo,
@@ -46,6 +46,7 @@ __all__ = [
     "UsageByModel",
     "bundled_price",
     "configure_dspy",
+    "dspy_version",
     "forget_program_modules",
     "load_program",
     "pin_predictors",

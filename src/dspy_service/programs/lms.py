@@ -239,6 +239,10 @@ class LanguageModels:
                 await lm.engine.aclose()
 
 
+def dspy_version() -> str:
+    return str(dspy.__version__)
+
+
 def bundled_price(model_id: str) -> Price | None:
     """DSPy's bundled price for a provider model id ("openai/gpt-4o"), if it knows one."""
     from dspy.clients.model_metadata import model_info, rate
