@@ -6,11 +6,12 @@ prometheus_client's multiprocess mode: every worker writes its samples to files 
 PROMETHEUS_MULTIPROC_DIR and `/metrics`, whichever worker answers, reads them all.
 
 Written by hand rather than using uvicorn's `--workers`: its workers run plain `uvicorn.Server`, and
-ours must run the draining server of cli.py (SIGTERM: readiness 503, in-flight requests finish), get
-the address of a simulator shared by all, and have their metric files retired when they exit.
+ours must run the draining server of serving.py (SIGTERM: readiness 503, in-flight requests finish),
+get the address of a simulator shared by all, and have their metric files retired when they exit.
 
 The supervisor forwards SIGTERM/SIGINT to the workers and exits 0 once they all have; a worker that
-dies while the service runs is replaced (a crash loop stops the service instead).
+dies while the service runs is replaced (a crash loop stops the service instead). It forwards SIGHUP
+too, and each worker reloads its programs (reloading.py); the supervisor itself reads no models file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from dspy_service.logs import get_logger
+from dspy_service.serving import run_worker
 
 _log = get_logger("dspy_service.workers")
 
@@ -64,8 +66,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def _worker_main(sock: socket.socket, simulator_url: str | None) -> None:
     import sys
 
-    from dspy_service.cli import run_worker
-
     sys.exit(run_worker(sock, simulator_url))
 
 
@@ -75,6 +75,7 @@ def _simulator_main(port: int) -> None:
     from dspy_service.simulator import create_simulator_app
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopped by the supervisor, after the workers
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal's hangup: it has nothing to reload
     uvicorn.run(
         create_simulator_app(), host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off"
     )
@@ -102,16 +103,34 @@ class Supervisor:
             if worker.is_alive() and worker.pid is not None:
                 os.kill(worker.pid, sig)
 
+    def _hangup(self, sig: int, frame: FrameType | None) -> None:
+        if self._stopping:  # a worker that is draining has nothing to reload
+            _log.info("workers.reload_skipped", reason="the service is stopping")
+            return
+        pids = []
+        for worker in self._workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGHUP)
+                pids.append(worker.pid)
+        _log.info("workers.reloading", pids=pids)
+
     def _start_worker(self, simulator_url: str | None) -> BaseProcess:
         worker = self._context.Process(
             target=_worker_main, args=(self._sock, simulator_url), name="dspy-service-worker"
         )
-        worker.start()
+        # The worker inherits SIGHUP blocked: one sent while it starts (whose default action would
+        # end it) waits until its handler is in place (serving.Hangups), then asks for a reload.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return worker
 
     def run(self) -> int:
         from prometheus_client import multiprocess
 
+        signal.signal(signal.SIGHUP, self._hangup)
         self._metrics_dir, self._own_metrics_dir = prepare_metrics_dir()
         simulator_url = None
         if self._simulator_port is not None:
