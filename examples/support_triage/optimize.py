@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--max-bootstrapped-demos", type=int, default=3)
     parser.add_argument("--max-labeled-demos", type=int, default=4)
     args = parser.parse_args()
+    # DSPy's bundled model price data, rather than a download of a newer copy on first use.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     if args.api_base:
         optimize(args, args.api_base)
         return
