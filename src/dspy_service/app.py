@@ -18,6 +18,7 @@ from dspy_service.api.auth import AuthMiddleware
 from dspy_service.api.compression import CompressionMiddleware
 from dspy_service.api.limits import BodyReadTimeoutMiddleware, RateLimitMiddleware
 from dspy_service.api.openapi import OpenAPIEndpoint
+from dspy_service.api.programs import ProgramsEndpoint
 from dspy_service.api.responses import JSONResponse, error_body, error_response
 from dspy_service.errors import ServiceError
 from dspy_service.logs import AccessLog, get_logger
@@ -116,6 +117,7 @@ def create_app(services: Services) -> Starlette:
             Route("/v1/predict/batch", batch.predict_batch, methods=["POST"]),
             Route("/v1/predict/stream", stream.StreamEndpoint(services), methods=["POST"]),
             Route("/v1/experiments", experiments.experiments, methods=["GET"]),
+            Route("/v1/programs", ProgramsEndpoint(services), methods=["GET"]),
             Route("/health", probes.health, methods=["GET"]),
             Route("/ready", probes.ready, methods=["GET"]),
             Route("/metrics", probes.metrics, methods=["GET"]),

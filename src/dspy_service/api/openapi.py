@@ -1,42 +1,31 @@
-"""`GET /openapi.json`: the service's OpenAPI 3.1 description, built once at start-up.
+"""`GET /openapi.json`: the service's OpenAPI 3.1 description of this deployment.
 
-The request body of `/v1/predict` is derived from `PredictRequest` (the contract the route enforces),
-with the limits of this deployment filled in (MAX_INPUT_CHARS, the LM options' ranges); responses,
-error shapes and headers are described here. Authentication appears only when it is on.
+The `/v1/predict` body is derived from `PredictRequest` and the variants' programs (each variant's
+typed `inputs`, api/predict_schema.py), with the limits of this deployment filled in; the batch body
+from `BatchRequest`; the `/v1/programs` listing from api/programs.py. Responses, error shapes and
+headers are described here. Authentication appears only when it is on. The document is rendered
+again when a reload replaces the programs or the models file.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from starlette.types import Receive, Scope, Send
-
-from dspy_service.api.schemas import MAX_PARAMETER_DEPTH, MAX_PARAMETERS, PredictRequest
+from dspy_service.api.predict_schema import INT64, predict_request_components
+from dspy_service.api.programs import RenderedJSON, listing_schema, programs_key
+from dspy_service.api.schemas import MAX_PARAMETER_DEPTH, BatchRequest
 from dspy_service.errors import ServiceError
 from dspy_service.models_config import ModelsConfig
+from dspy_service.programs import LoadedProgram
 from dspy_service.settings import Settings
 
 if TYPE_CHECKING:
     from dspy_service.services import Services
 
 JSON = "application/json"
-_INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
-
-LM_OPTION_SCHEMAS: dict[str, Any] = {
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "max_tokens": {"type": "integer", "minimum": 1, "maximum": 32_768},
-    "seed": _INT64,
-    "stop": {
-        "anyOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
-        ]
-    },
-}
+_REQUEST = {"$ref": "#/components/schemas/PredictRequest"}
 
 
 def _error_types() -> list[str]:
@@ -56,7 +45,7 @@ def _parameter_values() -> dict[str, Any]:
         {"type": "string"},
         {"type": "boolean"},
         {"type": "null"},
-        {"type": "number", "minimum": _INT64["minimum"], "maximum": _INT64["maximum"]},
+        {"type": "number", "minimum": INT64["minimum"], "maximum": INT64["maximum"]},
     ]
     values: dict[str, Any] = {f"ParameterValue{MAX_PARAMETER_DEPTH + 1}": {"anyOf": scalars}}
     for depth in range(MAX_PARAMETER_DEPTH, 0, -1):
@@ -71,29 +60,6 @@ def _parameter_values() -> dict[str, Any]:
     return values
 
 
-def _predict_request_schema(
-    settings: Settings, config: ModelsConfig, input_fields: Mapping[str, Sequence[str]]
-) -> dict[str, Any]:
-    schema = copy.deepcopy(PredictRequest.model_json_schema())
-    properties = schema["properties"]
-    properties["input"]["maxLength"] = settings.max_input_chars
-    properties["model"]["examples"] = sorted(config.models)
-    properties["variant"]["examples"] = sorted(config.variants)
-    extra_fields = sorted({name for names in input_fields.values() for name in names})
-    properties["parameters"] = {
-        "type": "object",
-        "description": "LM options and the variant's input fields after the first (each variant's own)",
-        "properties": {
-            **LM_OPTION_SCHEMAS,
-            **{name: {"$ref": "#/components/schemas/ParameterValue1"} for name in extra_fields},
-        },
-        "additionalProperties": False,
-        "maxProperties": MAX_PARAMETERS,
-        "default": {},
-    }
-    return schema
-
-
 _PREDICT_RESPONSE = {
     "type": "object",
     "required": ["request_id", "model", "model_served", "variant", "output", "outputs", "metadata"],
@@ -103,7 +69,7 @@ _PREDICT_RESPONSE = {
         "model_served": {"type": "string"},
         "variant": {"type": "string"},
         "output": {"description": "the program's main output field"},
-        "outputs": {"type": "object"},
+        "outputs": {"type": "object", "description": "every output field (GET /v1/programs: their types)"},
         "metadata": {
             "type": "object",
             "required": [
@@ -116,6 +82,7 @@ _PREDICT_RESPONSE = {
                 "cost_usd",
                 "cost_saved_usd",
                 "cost_known",
+                "usage_by_model",
                 "timestamp",
             ],
             "properties": {
@@ -128,8 +95,37 @@ _PREDICT_RESPONSE = {
                 "cost_usd": {"type": ["number", "null"]},
                 "cost_saved_usd": {"type": ["number", "null"]},
                 "cost_known": {"type": "boolean"},
+                "usage_by_model": {
+                    "type": "object",
+                    "description": "per public model name the program called",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["calls", "input_tokens", "output_tokens", "cost_usd"],
+                        "properties": {
+                            "calls": {"type": "integer", "minimum": 0},
+                            "input_tokens": {"type": "integer", "minimum": 0},
+                            "output_tokens": {"type": "integer", "minimum": 0},
+                            "cost_usd": {"type": ["number", "null"]},
+                        },
+                    },
+                },
                 "timestamp": {"type": "string"},
             },
+        },
+    },
+}
+
+_STREAM_CHUNK = {
+    "type": "object",
+    "description": "the data of a `chunk` event of /v1/predict/stream",
+    "required": ["field", "text", "predictor"],
+    "properties": {
+        "field": {"type": "string", "description": "the output field the text belongs to"},
+        "text": {"type": "string"},
+        "predictor": {
+            "type": ["string", "null"],
+            "description": "the predictor that wrote it (GET /v1/programs: stream_fields); null for "
+            "a cache hit's one chunk of the whole main output",
         },
     },
 }
@@ -215,6 +211,15 @@ def _error_schema() -> dict[str, Any]:
     }
 
 
+def _batch_request_schema(max_items: int) -> dict[str, Any]:
+    """`BatchRequest`'s schema with BATCH_MAX_ITEMS. Its items stay any JSON value: each is validated
+    on its own (a bad item fails alone, in a 200), so no item is a schema violation of the body."""
+    schema = copy.deepcopy(BatchRequest.model_json_schema())
+    schema["properties"]["requests"]["maxItems"] = max_items
+    schema["properties"]["requests"]["items"] = {"description": "a PredictRequest, validated on its own"}
+    return schema
+
+
 def _error(description: str, *headers: str) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
@@ -239,10 +244,10 @@ def build_openapi(
     config: ModelsConfig,
     *,
     auth: bool,
-    input_fields: Mapping[str, Sequence[str]] | None = None,
+    programs: Mapping[str, LoadedProgram],
 ) -> dict[str, Any]:
-    """The OpenAPI document for this deployment: its settings, its models file, and for each variant
-    the input fields after the first (those `parameters` may carry)."""
+    """The OpenAPI document for this deployment: its settings, its models file, and its variants'
+    programs (each one's typed `inputs`)."""
     protected: dict[str, Any] = {"security": [{"bearerAuth": []}]} if auth else {}
     unauthorized = {"401": _error("missing or unknown API key", "WWW-Authenticate")} if auth else {}
     metrics_protected = protected if not settings.metrics_public else {}
@@ -259,7 +264,7 @@ def build_openapi(
             **protected,
             "requestBody": {
                 "required": True,
-                "content": {JSON: {"schema": _predict_request_schema(settings, config, input_fields or {})}},
+                "content": {JSON: {"schema": _REQUEST}},
             },
             "responses": {
                 "200": _ok("the program's answer", _PREDICT_RESPONSE),
@@ -267,7 +272,7 @@ def build_openapi(
                 "404": _error("unknown model or variant"),
                 "408": _error("the request body did not arrive within BODY_READ_TIMEOUT_SECS"),
                 "413": _error("body over MAX_BODY_BYTES"),
-                "422": _error("invalid JSON or body, unknown field or parameter"),
+                "422": _error("invalid JSON or body, unknown field or parameter, an input of the wrong type"),
                 **rate_limited,
                 "502": _error("the provider failed or answered in an unparseable shape"),
                 "503": _error("circuit breaker open or too many predictions in flight", "Retry-After"),
@@ -278,8 +283,8 @@ def build_openapi(
 
     # Same body and errors; the answer is server-sent events (`chunk`..., then `result` or `error`).
     events = {
-        "description": "each event: `chunk` (data: {field, text}), then one `result` (data: the "
-        "/v1/predict body) or one `error` (data: the error body)",
+        "description": "each event: `chunk` (data: a StreamChunk: {field, text, predictor}), then one "
+        "`result` (data: the /v1/predict body) or one `error` (data: the error body)",
         "type": "object",
         "required": ["event", "data"],
         "properties": {"event": {"enum": ["chunk", "result", "error"]}, "data": {"type": "string"}},
@@ -315,19 +320,7 @@ def build_openapi(
                 "required": True,
                 "content": {
                     JSON: {
-                        "schema": {
-                            "type": "object",
-                            "required": ["requests"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "requests": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "maxItems": settings.batch_max_items,
-                                    "items": {"description": "a /v1/predict body, validated on its own"},
-                                }
-                            },
-                        }
+                        "schema": _batch_request_schema(settings.batch_max_items),
                     }
                 },
             },
@@ -383,6 +376,12 @@ def build_openapi(
             },
             **protected,
         ),
+        "/v1/programs": get(
+            "programs",
+            "Every variant's program: its kind, origin, fields with their JSON Schemas, predictors",
+            {"200": _ok("the programs this process serves", listing_schema()), **unauthorized},
+            **protected,
+        ),
         "/config": get(
             "config",
             "The effective configuration, secrets redacted",
@@ -397,7 +396,12 @@ def build_openapi(
         ),
     }
     components: dict[str, Any] = {
-        "schemas": {"Error": _error_schema(), **_parameter_values()},
+        "schemas": {
+            "Error": _error_schema(),
+            "StreamChunk": _STREAM_CHUNK,
+            **_parameter_values(),
+            **predict_request_components(settings, config, programs),
+        },
         "headers": {
             "RequestID": {"required": True, "schema": {"type": "string", "minLength": 1}},
             "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}},
@@ -418,27 +422,29 @@ def build_openapi(
     }
 
 
-class OpenAPIEndpoint:
-    """Serves the document, rendered once."""
+class OpenAPIEndpoint(RenderedJSON):
+    """`GET /openapi.json` for the services' current models file and programs (a reload replaces
+    both), rendered again when what the document shows of them has changed."""
 
     def __init__(self, services: Services) -> None:
-        document = build_openapi(
-            services.settings,
-            services.models_config,
-            auth=services.keyring is not None,
-            input_fields={key: program.input_fields[1:] for key, program in services.programs.items()},
-        )
-        self._body = orjson.dumps(document)
+        def render() -> dict[str, Any]:
+            return build_openapi(
+                services.settings,
+                services.models_config,
+                auth=services.keyring is not None,
+                programs=services.programs,
+            )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", JSON.encode()),
-                    (b"content-length", str(len(self._body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": self._body})
+        def key() -> Hashable:
+            config = services.models_config
+            return (
+                programs_key(services.programs),
+                tuple(config.models),
+                config.default_variant,
+                config.ab_testing_enabled,
+                tuple(config.ab_weights.items()),
+                bool(config.budgets.models or config.budgets.tenants),
+                services.keyring is not None,
+            )
+
+        super().__init__(render, key)
