@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.integration.conftest import ServiceFactory
 from tests.support.processes import ServiceProcess, Simulator, wait_until
@@ -139,8 +140,8 @@ def fingerprints(service: ServiceProcess) -> dict[str, str]:
 def test_sighup_serves_changed_code_and_a_new_variant_keeping_breakers_and_totals(
     service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
 ) -> None:
-    """Changed code and a new variant are served after SIGHUP; the changed program has a new
-    fingerprint (its cached answer is now a miss); cost totals and an open breaker survive."""
+    """Changed code, a new variant and new prices are served after SIGHUP; the changed program has
+    a new fingerprint (its cached answer is now a miss); cost totals and an open breaker survive."""
     service = start_reloadable(service_factory, tmp_path)
     question = f"what changed? {uuid.uuid4().hex}"
     first = predict(service, variant="bot", input=question)
@@ -160,7 +161,10 @@ def test_sighup_serves_changed_code_and_a_new_variant_keeping_breakers_and_total
     before = fingerprints(service)
 
     write_program(tmp_path / "progs", "v2")
-    write_models(tmp_path / "models.yaml", _MODELS + _EXTRA_VARIANT)
+    repriced = _MODELS.replace("input_tokens: 0.03", "input_tokens: 0.3").replace(
+        "output_tokens: 0.06", "output_tokens: 0.6"
+    )
+    write_models(tmp_path / "models.yaml", repriced + _EXTRA_VARIANT)
     reloaded = hang_up_and_wait(service, "programs.reloaded")
     print(f"reloaded: {reloaded}")
     assert reloaded["changed"] == ["bot"]
@@ -174,7 +178,10 @@ def test_sighup_serves_changed_code_and_a_new_variant_keeping_breakers_and_total
     again = predict(service, variant="bot", input=question)
     assert again["metadata"]["cache_level"] is None  # the old code's answer is not served
     assert again["outputs"]["version"] == "v2"
-    assert again["metadata"]["usage_by_model"]["gpt-4"]["calls"] == 2  # the new predictor ran too
+    usage = again["metadata"]["usage_by_model"]["gpt-4"]
+    assert usage["calls"] == 2  # the new predictor ran too
+    priced = usage["input_tokens"] * 0.3e-3 + usage["output_tokens"] * 0.6e-3
+    assert usage["cost_usd"] == pytest.approx(priced, rel=1e-9)
 
     assert service.http.get("/health").json()["circuit_breakers"]["flaky"] == "open"
     refused = service.http.post("/v1/predict", json={"model": "flaky", "input": "still open?"})
@@ -189,9 +196,9 @@ def test_sighup_serves_changed_code_and_a_new_variant_keeping_breakers_and_total
 def test_a_broken_file_or_program_is_refused_and_the_old_set_keeps_serving(
     service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
 ) -> None:
-    """Bad YAML, a program that raises on import, a pin naming no predictor: each SIGHUP logs
-    programs.reload_failed naming the problem, and the old programs answer as before; a good file
-    afterwards reloads (the failed import left nothing behind)."""
+    """Bad YAML, a program that raises on import, a pin naming no predictor, changed budgets: each
+    SIGHUP logs programs.reload_failed naming the problem, and the old programs answer as before; a
+    good file afterwards reloads (the failed import left nothing behind)."""
     service = start_reloadable(service_factory, tmp_path)
     models = tmp_path / "models.yaml"
     fingerprint = fingerprints(service)["bot"]
@@ -216,6 +223,10 @@ def test_a_broken_file_or_program_is_refused_and_the_old_set_keeps_serving(
     problem = hang_up_and_wait(service, "programs.reload_failed")["problem"]
     assert "variants.bot.models.nope: names no predictor" in problem
 
+    write_models(models, _MODELS + "budgets: {models: {gpt-4: {daily_usd: 5}}}\n")
+    problem = hang_up_and_wait(service, "programs.reload_failed")["problem"]
+    assert "budgets: changed" in problem  # read at start-up only: a restart applies them
+
     for _ in range(3):
         answer = predict(service, variant="bot", input=f"still here? {uuid.uuid4().hex}")
         assert answer["outputs"]["version"] == "v1"
@@ -231,7 +242,8 @@ def test_requests_in_flight_finish_on_the_old_program(
     service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
 ) -> None:
     """A request under way when the reload lands answers from the program it started on; later
-    ones get the new program; the old set is retired once the deadline has passed."""
+    ones get the new program; the old set is retired once the deadline has passed (its LMs closed,
+    the breaker of a model the new file dropped removed)."""
     service = start_reloadable(service_factory, tmp_path, REQUEST_TIMEOUT_SECS="5")
     sim.configure(latency_ms=1500)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -240,15 +252,22 @@ def test_requests_in_flight_finish_on_the_old_program(
         ]
         time.sleep(0.5)
         write_program(tmp_path / "progs", "v2")
+        flaky = _MODELS[_MODELS.index("  flaky:") : _MODELS.index("variants:")]
+        write_models(tmp_path / "models.yaml", _MODELS.replace(flaky, ""))  # a model goes
         hang_up_and_wait(service, "programs.reloaded")
+        # its breaker stays while requests routed before the reload may still use it
+        assert "flaky" in service.http.get("/health").json()["circuit_breakers"]
         assert not any(future.done() for future in in_flight)  # the reload did not wait for them
         answers = [future.result(timeout=30) for future in in_flight]
     assert [answer["outputs"]["version"] for answer in answers] == ["v1"] * 4
     sim.configure(latency_ms=0)
     assert predict(service, variant="bot", input=f"fresh {uuid.uuid4().hex}")["outputs"]["version"] == "v2"
     wait_until(lambda: events(service, "programs.retired"), timeout=30, what="the old programs' retirement")
-    print(f"retired: {events(service, 'programs.retired')[-1]}")
+    retired = events(service, "programs.retired")[-1]
+    print(f"retired: {retired}")
     assert not events(service, "programs.retire_failed")
+    assert retired["dropped_breakers"] == ["flaky"]
+    assert set(service.http.get("/health").json()["circuit_breakers"]) == {"gpt-4"}
     # the new set's LMs were not the ones closed
     assert predict(service, variant="bot", input=f"after {uuid.uuid4().hex}")["outputs"]["version"] == "v2"
 
