@@ -159,6 +159,7 @@ def test_sighup_serves_changed_code_and_a_new_variant_keeping_breakers_and_total
         what="the totals of the first two requests",
     )
     before = fingerprints(service)
+    loaded_before = service.http.get("/v1/programs").json()["programs"]["bot"]["loaded_at"]
 
     write_program(tmp_path / "progs", "v2")
     repriced = _MODELS.replace("input_tokens: 0.03", "input_tokens: 0.3").replace(
@@ -174,6 +175,9 @@ def test_sighup_serves_changed_code_and_a_new_variant_keeping_breakers_and_total
     assert set(after) == {"bot", "extra"}
     assert after["bot"] != before["bot"]
     assert reloaded["variants"] == after
+    listed = service.http.get("/v1/programs").json()["programs"]
+    assert {key: view["fingerprint"] for key, view in listed.items()} == after
+    assert listed["bot"]["loaded_at"] > loaded_before  # every program is built anew by a reload
     assert predict(service, variant="extra", input="a new variant")["variant"] == "extra"
     again = predict(service, variant="bot", input=question)
     assert again["metadata"]["cache_level"] is None  # the old code's answer is not served
