@@ -20,6 +20,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+
+
 class ModelSpec(_Strict):
     """One model a client may ask for, by its public name (the key in `models:`)."""
 
@@ -36,6 +39,10 @@ class ModelSpec(_Strict):
     # a fresh draw, so a cached one answers it with what another caller drew. Yes by default (as
     # before: most callers sample only to vary style); false gives every such request its own call.
     cache_sampled: bool = True
+    # The completion limit: sent to the provider as max_tokens when a request gives none, and the cap
+    # on a request's own max_tokens. Unset: nothing is sent, and budgets assume
+    # DEFAULT_MAX_OUTPUT_TOKENS when they hold a call's worst-case cost.
+    max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _prices_come_in_pairs(self) -> ModelSpec:

@@ -34,13 +34,14 @@ from dspy_service.errors import (
 from dspy_service.experiments import build_assigner
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics, RouteMetrics
-from dspy_service.models_config import ModelsConfig, ModelSpec
+from dspy_service.models_config import DEFAULT_MAX_OUTPUT_TOKENS, ModelsConfig, ModelSpec
 from dspy_service.programs import (
     LanguageModels,
     ProgramFailed,
     ProgramRun,
     ProgramThreads,
     UsageByModel,
+    formatted_prompt_bytes,
     run_program,
     stream_program,
 )
@@ -56,6 +57,8 @@ _BREAKER_FAILURES = frozenset({"timeout", "transport", "server", "rate_limit"})
 # Failures that can strike after the provider has the request and before it reports the tokens.
 _UNMETERED_FAILURES = frozenset({"timeout", "transport"})
 _BACKOFF_BASE_SECS = 0.2
+# Tokens a provider adds around each message of a chat (role markers): a bound for a few messages.
+_MESSAGE_FRAMING_BYTES = 64
 _BACKOFF_CAP_SECS = 5.0
 
 
@@ -68,6 +71,15 @@ class _Spend:
     unmetered_calls: int = 0
     # Runs of a synchronous program still going in their thread: their tokens come later.
     running_on: int = 0
+
+    def since(self, earlier: UsageByModel) -> UsageByModel:
+        """The tokens counted after `earlier` (a copy of `tokens` taken then)."""
+        grown: UsageByModel = {}
+        for model_id, (tokens_in, tokens_out, calls) in self.tokens.items():
+            before_in, before_out, before_calls = earlier.get(model_id, (0, 0, 0))
+            if calls > before_calls or tokens_in > before_in:
+                grown[model_id] = (tokens_in - before_in, tokens_out - before_out, calls - before_calls)
+        return grown
 
     def add(self, usage_by_model: UsageByModel) -> None:
         for model_id, (tokens_in, tokens_out, calls) in usage_by_model.items():
@@ -205,8 +217,6 @@ class Predictor:
                 if hit is not None:
                     return self._served_from_cache(request, metrics, variant, hit, "redis", started)
             coalesced = key is not None and key in self._upstream
-            if self._budgets is not None and not coalesced:
-                await self._check_budgets(route)
             answer, usage = await self._call_upstream(key, route)
         except ServiceError as exc:
             if not isinstance(exc, BudgetExceeded):  # a refusal we chose, not a failed prediction
@@ -254,8 +264,6 @@ class Predictor:
                 yield _whole_chunk(route, result)
                 yield result
                 return
-            if self._budgets is not None:
-                await self._check_budgets(route)
             sink = _ChunkQueue()
             task = self._start_upstream(key, route, sink)
             task.add_done_callback(lambda _: sink.queue.put_nowait(None))
@@ -342,12 +350,6 @@ class Predictor:
             cost_saved_usd=hit.cost_usd,
         )
 
-    async def _check_budgets(self, route: Route) -> None:
-        assert self._budgets is not None
-        await self._budgets.check(route.model.key, route.tenant)
-        for pinned in route.pinned:
-            await self._budgets.check(pinned.key, route.tenant)
-
     async def _call_upstream(self, key: str | None, route: Route) -> tuple[CachedAnswer, _Spent]:
         task = self._upstream.get(key) if key is not None else None
         if task is None:
@@ -433,6 +435,17 @@ class Predictor:
                 self._ledger.record_miss(name, variant, share_usage, requests=0)
         return _Spent(total=usage, by_model=by_model)
 
+    def _priced_by_model(self, route: Route, tokens: UsageByModel) -> dict[str, float]:
+        """What `tokens` cost per public model name (unpriced models cost nothing here)."""
+        names = self._public_names(route)
+        costs: dict[str, float] = {}
+        for model_id, counts in tokens.items():
+            price = self._prices(model_id)
+            if price is not None:
+                name = names.get(model_id, model_id)
+                costs[name] = costs.get(name, 0.0) + price.cost(counts[0], counts[1])
+        return costs
+
     def _charge(self, route: Route, tokens: UsageByModel) -> dict[str, ModelUsage]:
         """Tokens per provider model id as each public model's usage, each priced at its own price
         and charged to its own metrics and budgets."""
@@ -457,8 +470,6 @@ class Predictor:
                 metrics.output_tokens.inc(priced.output_tokens)
             if priced.cost_usd:
                 metrics.cost.inc(priced.cost_usd)
-            if self._budgets is not None:
-                self._budgets.record(name, route.tenant, priced.cost_usd)
         return by_model
 
     def _account_late(self, route: Route, tokens: UsageByModel) -> None:
@@ -482,8 +493,9 @@ class Predictor:
         for model_key in chain:
             spec = self._config.models[model_key]
             try:
-                return await self._run_with_retries(spec, route, spent, deadline_at, sink), model_key
-            except (CircuitOpen, ProviderError, ProviderTimeout) as exc:
+                run = await self._run_within_budget(spec, route, spent, deadline_at, sink)
+                return run, model_key
+            except (CircuitOpen, ProviderError, ProviderTimeout, BudgetExceeded) as exc:
                 last_error = exc
                 if sink is not None and sink.emitted:
                     raise  # the client has part of this model's answer: another's would not continue it
@@ -491,6 +503,69 @@ class Predictor:
                     _log.warning("prediction.fallback", model=model_key, error=exc.type, detail=exc.message)
         assert last_error is not None
         raise last_error
+
+    async def _run_within_budget(
+        self,
+        spec: ModelSpec,
+        route: Route,
+        spent: _Spend,
+        deadline_at: float,
+        sink: _ChunkQueue | None,
+    ) -> ProgramRun:
+        """`_run_with_retries` with `spec` serving, its worst-case cost held against the budgets it
+        counts against first (the serving model's, pinned models', the tenant's), and settled to what
+        its attempts spent when they end: given back when nothing was sent, kept when the spend is
+        unknown (a call cut off before its tokens were reported)."""
+        budgets = self._budgets
+        if budgets is None:
+            return await self._run_with_retries(spec, route, spent, deadline_at, sink)
+        hold = await budgets.reserve(self._worst_case(route, spec), route.tenant)
+        tokens_before = dict(spent.tokens)
+        unknown_before = spent.unmetered_calls + spent.running_on
+        unknown = True
+        try:
+            run = await self._run_with_retries(spec, route, spent, deadline_at, sink)
+            unknown = spent.unmetered_calls + spent.running_on > unknown_before
+            return run
+        except ServiceError:
+            unknown = spent.unmetered_calls + spent.running_on > unknown_before
+            raise
+        finally:  # a cancellation (the deadline, a stream's client gone) leaves the spend unknown
+            by_model = self._priced_by_model(route, spent.since(tokens_before))
+            budgets.settle(hold, by_model, unknown=unknown)
+
+    def _worst_case(self, route: Route, spec: ModelSpec) -> dict[str, float]:
+        """The most a run with `spec` serving could cost, per model, as the program's structure tells:
+        each call's prompt at most its bytes (no token is shorter than a byte): the predictor's own
+        text, the request's inputs and every earlier call's completion (a pipeline may feed them on),
+        and each completion at most the completion limit. A program that calls a predictor more often
+        than its structure shows (a loop in its own code) can exceed it; its settled spend still
+        counts in full."""
+        limit = _completion_limit(route.lm_options, spec)
+        input_bytes = len(orjson.dumps(route.canonical_inputs))
+        models = self._config.models
+        charges: dict[str, float] = {}
+        earlier_calls = 0
+        predictors = route.program.predictors
+        exact = None
+        if len(predictors) == 1 and predictors[0].max_calls == 1:  # one call: its prompt, formatted
+            exact = formatted_prompt_bytes(predictors[0].predictor, route.inputs)
+        for info in predictors:
+            serving = models[info.model] if info.model is not None else spec
+            price = self._prices(serving.name)
+            calls = info.max_calls
+            prompt = (
+                exact + _MESSAGE_FRAMING_BYTES
+                if exact is not None
+                else calls * (info.static_prompt_bytes + input_bytes)
+                + limit * (calls * earlier_calls + calls * (calls - 1) // 2)
+            )
+            earlier_calls += calls
+            if price is not None:
+                cost = prompt * price.input_per_token + calls * limit * price.output_per_token
+                charges[serving.key] = charges.get(serving.key, 0.0) + cost
+        charges.setdefault(spec.key, 0.0)
+        return charges
 
     def _acquire_breakers(self, specs: tuple[ModelSpec, ...]) -> list[CircuitBreaker]:
         """The breakers of every model an attempt may call, acquired; CircuitOpen if one is open."""
@@ -509,7 +584,10 @@ class Predictor:
 
     def _attempt(self, spec: ModelSpec, route: Route, sink: _ChunkQueue | None, attempt: int) -> Any:
         """One run of the program with `spec` as its default model (an awaitable)."""
-        lm = self._lms.get(spec.key, route.lm_options)
+        options = route.lm_options
+        if spec.max_output_tokens is not None and options.get("max_tokens", 0) > spec.max_output_tokens:
+            options = {**options, "max_tokens": spec.max_output_tokens}  # the model's cap
+        lm = self._lms.get(spec.key, options)
         if sink is None:
             call = run_program(
                 route.program,
@@ -614,6 +692,13 @@ class Predictor:
             )
         status = f" (HTTP {failure.status})" if failure.status else ""
         return ProviderError(f"model {spec.key!r} failed{status}: {failure.kind}")
+
+
+def _completion_limit(options: dict[str, Any], spec: ModelSpec) -> int:
+    """The most tokens a completion may have: the request's max_tokens, capped by the model's."""
+    cap = spec.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS
+    requested = options.get("max_tokens")
+    return min(int(requested), cap) if requested is not None else cap
 
 
 def _cacheable(route: Route) -> bool:

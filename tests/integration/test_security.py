@@ -38,15 +38,22 @@ models:
     cost_per_1k_output_tokens: 0.0015
   budgeted:
     name: openai/gpt-4
-    cost_per_1k_input_tokens: 1.0
-    cost_per_1k_output_tokens: 1.0
+    cost_per_1k_input_tokens: 0.001
+    cost_per_1k_output_tokens: 0.001
+    max_output_tokens: 100
     max_retries: 0
 variants:
   baseline: {signature: "question -> answer"}
 budgets:
   models: {budgeted: {daily_usd: 0.01}}
-  tenants: {frugal: {daily_usd: 0.00001}}
+  tenants: {frugal: {daily_usd: 0.05}}
 """
+
+
+def spend_elsewhere(redis: RedisServer, scope: str, name: str, usd: float) -> None:
+    """Today's spend of a budget as other replicas would have added it, straight into Redis."""
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    redis.command("INCRBYFLOAT", f"dspy-service:v1:spend:{day}:{scope}:{name}", str(usd))
 
 
 def unique(text: str = "question") -> str:
@@ -491,10 +498,12 @@ def test_the_rate_limit_is_shared_by_replicas(
 def test_a_spent_model_budget_refuses_misses_but_serves_hits(
     secured: ServiceProcess, sim: Simulator, redis_server: RedisServer
 ) -> None:
-    """Once `budgeted` spent its 0.01 USD: a new input (a miss) is 429 `budget_exceeded` with
-    Retry-After up to midnight UTC and no provider call; an input already cached is still served."""
+    """Once `budgeted` spent its 0.01 USD (a call here, the rest by other replicas): a new input (a
+    miss) is 429 `budget_exceeded` with Retry-After up to midnight UTC and no provider call; an input
+    already cached is still served."""
     first = unique()
     assert secured.http.post("/v1/predict", json={"model": "budgeted", "input": first}).status_code == 200
+    spend_elsewhere(redis_server, "model", "budgeted", 0.01)
     calls = sim.stats()["calls"]
     refused = secured.http.post("/v1/predict", json={"model": "budgeted", "input": unique()})
     error = assert_error(refused, 429, "budget_exceeded")
@@ -518,8 +527,11 @@ def test_a_spent_model_budget_refuses_misses_but_serves_hits(
     assert 'dspy_predictions_total{model="budgeted",status="error",variant="baseline"} 0.0' in metrics
 
 
-def test_a_spent_tenant_budget_refuses_only_that_tenant(secured: ServiceProcess) -> None:
-    """Tenant frugal's budget runs out after one call; acme, on the same model, is not affected."""
+def test_a_spent_tenant_budget_refuses_only_that_tenant(
+    secured: ServiceProcess, redis_server: RedisServer
+) -> None:
+    """Tenant frugal's budget runs out (a call here, the rest elsewhere); acme, on the same model,
+    is not affected."""
     frugal = bearer(KEY_FRUGAL)
     question = unique()
     assert (
@@ -528,6 +540,7 @@ def test_a_spent_tenant_budget_refuses_only_that_tenant(secured: ServiceProcess)
         ).status_code
         == 200
     )
+    spend_elsewhere(redis_server, "tenant", "frugal", 0.05)
     refused = secured.http.post(
         "/v1/predict", json={"model": "gpt-3.5-turbo", "input": unique()}, headers=frugal
     )

@@ -9,6 +9,7 @@
 - `tools`: tool calls observed through DSPy's callbacks.
 """
 
+from dspy_service.programs.adapter import formatted_prompt_bytes
 from dspy_service.programs.failures import FailureKind, ProgramFailed, UsageByModel
 from dspy_service.programs.fields import FieldSpec, InputSchema
 from dspy_service.programs.lms import LM_OPTIONS, LanguageModels, bundled_price, dspy_version
@@ -48,6 +49,7 @@ __all__ = [
     "configure_dspy",
     "dspy_version",
     "forget_program_modules",
+    "formatted_prompt_bytes",
     "load_program",
     "pin_predictors",
     "run_program",

@@ -48,6 +48,8 @@ def _build_lm(spec: ModelSpec, *, api_key: str | None, api_base: str | None) -> 
         "cache": False,
         "num_retries": 0,  # retries are ours: bounded by the request deadline, with backoff and jitter
     }
+    if spec.max_output_tokens is not None:
+        options["max_tokens"] = spec.max_output_tokens
     try:
         lm = dspy.LM(spec.name, engine="lm15", **options)
         route = select_backend(lm).resolution
@@ -67,7 +69,10 @@ def _build_lm(spec: ModelSpec, *, api_key: str | None, api_base: str | None) -> 
     except (ImportError, AttributeError, TypeError) as exc:  # a DSPy upgrade moved lm15's transports
         _log.warning("lm.dspy_native_engine", model=spec.name, reason=f"{type(exc).__name__}: {exc}")
         return lm
-    return dspy.LM(spec.name, engine=engine, async_engine=engine.async_engine, cache=False, num_retries=0)
+    extra = {"max_tokens": spec.max_output_tokens} if spec.max_output_tokens is not None else {}
+    return dspy.LM(
+        spec.name, engine=engine, async_engine=engine.async_engine, cache=False, num_retries=0, **extra
+    )
 
 
 # The one provider `_ChatEngine` serves. Its token counts are the provider's own (DSPy adjusts

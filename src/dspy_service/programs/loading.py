@@ -20,6 +20,7 @@ import orjson
 from dspy_service.errors import ConfigError
 from dspy_service.logs import get_logger
 from dspy_service.models_config import VariantSpec
+from dspy_service.programs.adapter import ADAPTER
 from dspy_service.programs.fields import (
     FieldSpec,
     InputSchema,
@@ -41,6 +42,11 @@ class PredictorInfo:
     demos: int
     model: str | None  # the model it is pinned to, else None (the request's model)
     predictor: Any = field(repr=False, compare=False)  # the dspy.Predict
+    # For the worst-case cost a budget holds (predictor.py): how many calls a run makes to it at
+    # most as far as the program's structure tells (a ReAct step: max_iters), and the bytes of its
+    # prompt that do not depend on the request (instructions, field descriptions, demos, framing).
+    max_calls: int = 1
+    static_prompt_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +219,30 @@ def _pins(spec: VariantSpec, names: list[str], where: str) -> dict[str, str]:
     return pinned
 
 
+# What an adapter adds around a predictor's system message and demos (user and assistant turns'
+# field markers, the closing format reminder).
+_PROMPT_FRAMING_BYTES = 512
+
+
+def _max_calls(module: Any) -> dict[str, int]:
+    """Predictor name -> calls per run where the structure says more than one (ReAct's step)."""
+    calls: dict[str, int] = {}
+    for name, sub in module.named_sub_modules():
+        if isinstance(sub, dspy.ReAct):
+            prefix = name.removeprefix("self").lstrip(".")
+            calls[f"{prefix}.react" if prefix else "react"] = int(getattr(sub, "max_iters", 1) or 1)
+    return calls
+
+
+def _static_prompt_bytes(predictor: Any) -> int:
+    """The system message as the adapter writes it, plus the predictor's state (its demos) as JSON."""
+    try:
+        system = len(ADAPTER.format_system_message(predictor.signature).encode())
+    except (TypeError, ValueError, AttributeError):  # a signature the adapter cannot describe yet
+        system = 4096
+    return system + len(orjson.dumps(predictor.dump_state(), default=str)) + _PROMPT_FRAMING_BYTES
+
+
 def _describe_signature(signature: Any) -> str:
     return f"{', '.join(signature.input_fields)} -> {', '.join(signature.output_fields)}"
 
@@ -271,6 +301,7 @@ def load_program(spec: VariantSpec, source: str, *, callbacks: tuple[Any, ...] =
     if spec.kind == "module":
         code = [*kinds, _import_module_object(spec.module, where)]
     tools = program_tools(module)
+    calls = _max_calls(module)
     program = LoadedProgram(
         variant=spec.key,
         kind=spec.kind,
@@ -294,6 +325,8 @@ def load_program(spec: VariantSpec, source: str, *, callbacks: tuple[Any, ...] =
                 demos=len(predictor.demos),
                 model=pins.get(name),
                 predictor=predictor,
+                max_calls=calls.get(name, 1),
+                static_prompt_bytes=_static_prompt_bytes(predictor),
             )
             for name, predictor in predictors
         ),

@@ -16,6 +16,7 @@ from typing import Any
 import dspy
 import orjson
 
+from dspy_service.programs.adapter import ADAPTER as _ADAPTER
 from dspy_service.programs.failures import ProgramFailed, UsageByModel, failure_of, usage_totals
 from dspy_service.programs.fields import WORKING_FIELDS
 from dspy_service.programs.loading import LoadedProgram
@@ -46,35 +47,6 @@ class ProgramRun:
     outputs: dict[str, Any]  # every field of the returned Prediction, as JSON values
     main_output: str | None  # the field that is the response's `output`
     usage_by_model: UsageByModel  # provider model id -> (input tokens, output tokens)
-
-
-class _ChatAdapter(dspy.ChatAdapter):  # type: ignore[misc]  # dspy is Any to mypy
-    """DSPy's ChatAdapter (the one DSPy uses when none is configured), with the system message
-    formatted once per signature instead of on every call.
-
-    The system message is a function of the signature alone (its fields, their types and its
-    instructions); DSPy rebuilds it per call, building a pydantic TypeAdapter for each field on the
-    way, which was about a tenth of a miss's CPU. Overriding `format_system_message` is the
-    adapter's documented way to change it; a signature whose state changes is a new class, so a
-    new key. Bounded: signatures made per call are formatted as before once the map is full.
-    """
-
-    _MAX_SIGNATURES = 256
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._system_messages: dict[Any, str] = {}
-
-    def format_system_message(self, signature: Any) -> str:
-        found = self._system_messages.get(signature)
-        if found is None:
-            found = str(super().format_system_message(signature))
-            if len(self._system_messages) < self._MAX_SIGNATURES:
-                self._system_messages[signature] = found
-        return found
-
-
-_ADAPTER = _ChatAdapter()
 
 
 class _ThreadRun:
