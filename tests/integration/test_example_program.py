@@ -41,6 +41,12 @@ def predict(service: ServiceProcess, ticket: str, **body: Any) -> dict[str, Any]
     return result
 
 
+def demo_counts(service: ServiceProcess) -> dict[str, int]:
+    """Demos per predictor of the triage variant, as GET /v1/programs lists them."""
+    triage = service.http.get("/v1/programs").json()["programs"]["triage"]
+    return {predictor["name"]: predictor["demos"] for predictor in triage["predictors"]}
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -88,13 +94,19 @@ def test_triage_answers_typed_outputs_priced_per_model(
     metrics = service.http.get("/metrics").text
     assert metric(metrics, "dspy_tool_calls_total", variant="triage", tool="lookup_order", status="ok") == 1
 
+    listing = service.http.get("/v1/programs").json()["programs"]["triage"]
+    assert listing["execution"] == "thread"  # forward only: it runs in a program thread
+    assert {p["name"]: p["model"] for p in listing["predictors"]}["draft.predict"] == "gpt-4"
+    assert "lookup_order" in listing["tools"]
+
 
 def test_optimized_demos_reach_the_prompt(
     service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
 ) -> None:
-    """The demos BootstrapFewShot wrote to triage.json are in the prompts the provider receives: the
-    same request costs at least the demos' tickets in prompt tokens more than without the state
-    file, and the answers (seeded on the request's own input) are the same."""
+    """The demos BootstrapFewShot wrote to triage.json are loaded (GET /v1/programs counts them per
+    predictor) and are in the prompts the provider receives: the same request costs at least the
+    demos' tickets in prompt tokens more than without the state file, and the answers (seeded on
+    the request's own input) are the same."""
     state = orjson.loads(STATE_FILE.read_bytes())
     # A ticket without an order number calls classify and draft only; every one of their demos
     # carries its ticket into the prompt (DSPy's ChatAdapter renders complete and partial demos).
@@ -110,6 +122,7 @@ def test_optimized_demos_reach_the_prompt(
     unoptimized_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
 
     spent = {}
+    listed = {}
     for name, models_file in (("optimized", MODELS_FILE), ("unoptimized", unoptimized_file)):
         service = start_example(service_factory, models_file)
         sim.http.post("/_sim/reset").raise_for_status()
@@ -117,7 +130,13 @@ def test_optimized_demos_reach_the_prompt(
         stats = sim.stats()
         assert stats["calls"] == 2  # classify and draft: no order, no agent
         spent[name] = (stats["prompt_tokens"], stats["completion_tokens"], result["outputs"])
+        listed[name] = demo_counts(service)
         service.stop()
+
+    assert listed["optimized"] == {
+        name: len(entry["demos"]) for name, entry in state.items() if name != "metadata"
+    }
+    assert set(listed["unoptimized"].values()) == {0}
 
     optimized, unoptimized = spent["optimized"], spent["unoptimized"]
     print(f"prompt tokens: {optimized[0]} with triage.json, {unoptimized[0]} without")
