@@ -9,10 +9,10 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from dspy_service.simulator import count_tokens
 from tests.integration.conftest import ServiceFactory
+from tests.support.metrics_text import sample_value
 from tests.support.processes import ServiceProcess, Simulator
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support_triage"
@@ -45,14 +45,6 @@ def demo_counts(service: ServiceProcess) -> dict[str, int]:
     """Demos per predictor of the triage variant, as GET /v1/programs lists them."""
     triage = service.http.get("/v1/programs").json()["programs"]["triage"]
     return {predictor["name"]: predictor["demos"] for predictor in triage["predictors"]}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def test_triage_answers_typed_outputs_priced_per_model(
@@ -92,7 +84,10 @@ def test_triage_answers_typed_outputs_priced_per_model(
     assert metadata["cost_usd"] == pytest.approx(sum(entry["cost_usd"] for entry in usage.values()))
 
     metrics = service.http.get("/metrics").text
-    assert metric(metrics, "dspy_tool_calls_total", variant="triage", tool="lookup_order", status="ok") == 1
+    assert (
+        sample_value(metrics, "dspy_tool_calls_total", variant="triage", tool="lookup_order", status="ok")
+        == 1
+    )
 
     listing = service.http.get("/v1/programs").json()["programs"]["triage"]
     assert listing["execution"] == "thread"  # forward only: it runs in a program thread
