@@ -184,6 +184,8 @@ class Predictor:
             lm_options=lm_options,
             tenant=request.tenant,
             pinned=pinned,
+            config=config,
+            lms=self._lms,
         )
 
     def _cache_key(self, route: Route) -> str:
@@ -410,7 +412,7 @@ class Predictor:
     def _public_names(self, route: Route) -> dict[str, str]:
         """Provider model id -> public model name, for the models a request's program may call."""
         names: dict[str, str] = {}
-        models = self._config.models
+        models = route.config.models
         for spec in (route.model, *(models[k] for k in route.model.fallbacks), *route.pinned):
             names.setdefault(spec.name, spec.key)
         return names
@@ -491,7 +493,7 @@ class Predictor:
         chain = (route.model.key, *route.model.fallbacks)
         last_error: ServiceError | None = None
         for model_key in chain:
-            spec = self._config.models[model_key]
+            spec = route.config.models[model_key]
             try:
                 run = await self._run_within_budget(spec, route, spent, deadline_at, sink)
                 return run, model_key
@@ -543,7 +545,7 @@ class Predictor:
         counts in full."""
         limit = _completion_limit(route.lm_options, spec)
         input_bytes = len(orjson.dumps(route.canonical_inputs))
-        models = self._config.models
+        models = route.config.models
         charges: dict[str, float] = {}
         earlier_calls = 0
         predictors = route.program.predictors
@@ -587,7 +589,7 @@ class Predictor:
         options = route.lm_options
         if spec.max_output_tokens is not None and options.get("max_tokens", 0) > spec.max_output_tokens:
             options = {**options, "max_tokens": spec.max_output_tokens}  # the model's cap
-        lm = self._lms.get(spec.key, options)
+        lm = route.lms.get(spec.key, options)
         if sink is None:
             call = run_program(
                 route.program,

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspy_service.errors import InvalidRequest
-from dspy_service.models_config import ModelSpec
-from dspy_service.programs import LM_OPTIONS, LoadedProgram
+from dspy_service.models_config import ModelsConfig, ModelSpec
+from dspy_service.programs import LM_OPTIONS, LanguageModels, LoadedProgram
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,10 @@ class Route:
     inputs: dict[str, Any]
     canonical_inputs: dict[str, Any]
     lm_options: dict[str, Any]
+    # The models file and LMs it was routed with: a reload swaps the predictor's, and a request in
+    # flight finishes (retries, fallbacks, pricing) on the set it started on.
+    config: ModelsConfig = field(repr=False)
+    lms: LanguageModels = field(repr=False)
     tenant: str | None = None
     pinned: tuple[ModelSpec, ...] = field(default=())  # models the program's pinned predictors call
 

@@ -52,7 +52,7 @@ def fleet_spend(redis: RedisServer) -> float:
 
 def provider_cost(sim: Simulator) -> float:
     stats = sim.stats()
-    return (stats["prompt_tokens"] + stats["completion_tokens"]) * PRICE_PER_1K / 1000
+    return float(stats["prompt_tokens"] + stats["completion_tokens"]) * PRICE_PER_1K / 1000
 
 
 def test_a_burst_of_concurrent_misses_cannot_spend_past_the_budget(

@@ -37,7 +37,7 @@ MAX_EXAMPLES = 150
 TYPED_VARIANTS = {
     "typed": {"signature": "question: str, tags: list[str], level: Literal['low','high'] -> answer"},
     "typed_cot": {
-        "signature": "question: str, score: float, urgent: bool -> answer",
+        "signature": "question: str, score: float, urgent: bool, count: int -> answer",
         "module": "chain_of_thought",
     },
 }

@@ -3,6 +3,7 @@ message once."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import dspy
@@ -16,14 +17,15 @@ class CachingChatAdapter(dspy.ChatAdapter):  # type: ignore[misc]  # dspy is Any
     instructions); DSPy rebuilds it per call, building a pydantic TypeAdapter for each field on the
     way, which was about a tenth of a miss's CPU. Overriding `format_system_message` is the
     adapter's documented way to change it; a signature whose state changes is a new class, so a
-    new key. Bounded: signatures made per call are formatted as before once the map is full.
+    new key. Weakly keyed: the signatures of programs a reload retired go with them. Bounded:
+    signatures made per call are formatted as before once the map is full.
     """
 
     _MAX_SIGNATURES = 256
 
     def __init__(self) -> None:
         super().__init__()
-        self._system_messages: dict[Any, str] = {}
+        self._system_messages: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
     def format_system_message(self, signature: Any) -> str:
         found = self._system_messages.get(signature)

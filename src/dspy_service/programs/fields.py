@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pydantic
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -136,7 +137,10 @@ class InputSchema:
                     raise InvalidRequest(f"inputs.{field.name} must be a string (expected str)")
             return given, given
         try:
-            parsed = self._model.model_validate(given)
+            # As JSON, strictly: what JSON Schema allows (a list for a set or tuple, an ISO string for
+            # a date) is accepted, and nothing is coerced ("5" is not an int); an integral number
+            # such as 5.0 is an integer to JSON Schema, so to us.
+            parsed = self._model.model_validate_json(orjson.dumps(_integral_floats_as_ints(given)))
         except ValidationError as exc:
             raise InvalidRequest(self._describe(exc)) from None
         values = {name: getattr(parsed, name) for name in self.names if name in given}
@@ -154,13 +158,34 @@ class InputSchema:
         return "; ".join(problems)
 
     def json_schema(self) -> dict[str, Any]:
-        """The object schema of `inputs` (OpenAPI and `/v1/programs`)."""
-        return {
+        """The object schema of `inputs` (OpenAPI and `/v1/programs`); the fields' definitions
+        (pydantic models) gathered in one top-level `$defs`, where their `$ref`s point."""
+        properties: dict[str, Any] = {}
+        definitions: dict[str, Any] = {}
+        for field in self.fields:
+            schema = field.json_schema()
+            definitions.update(schema.pop("$defs", {}))
+            properties[field.name] = schema
+        document: dict[str, Any] = {
             "type": "object",
-            "properties": {field.name: field.json_schema() for field in self.fields},
+            "properties": properties,
             "required": [field.name for field in self.fields if field.required],
             "additionalProperties": False,
         }
+        if definitions:
+            document["$defs"] = definitions
+        return document
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """5.0 as 5, in lists and objects too: JSON Schema's integers include integral numbers."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    return value
 
 
 def main_output(output_fields: tuple[str, ...], configured: str | None) -> str | None:
