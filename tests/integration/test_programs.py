@@ -426,6 +426,22 @@ def test_a_program_saved_by_another_dspy_version_loads_with_a_warning_naming_bot
     assert warnings[0]["current_version"] == metadata_version("dspy")
 
 
+def test_an_lm_a_program_brought_along_is_replaced_by_the_requests_model(
+    service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
+) -> None:
+    """A predictor that arrives with an LM of its own (unreachable here) calls the request's model
+    instead, and start-up says so: which model serves is the models file's to say."""
+    models = write_models(
+        tmp_path, "default_variant: own\nvariants:\n  own: {module: qa_bot.pipeline:WithOwnLM}\n"
+    )
+    service = service_factory(**program_env(models))
+    response = predict(service, variant="own", inputs={"question": unique("own lm?")})
+    assert response.status_code == 200, response.text
+    assert sim.stats()["by_model"] == {"gpt-3.5-turbo": 2}
+    [warning] = [line for line in service.log_lines() if line.get("event") == "program.lm_ignored"]
+    assert (warning["variant"], warning["predictor"]) == ("own", "rewrite")
+
+
 def metadata_version(package: str) -> str:
     from importlib.metadata import version
 

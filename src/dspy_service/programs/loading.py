@@ -356,7 +356,21 @@ def load_program(spec: VariantSpec, source: str, *, callbacks: tuple[Any, ...] =
 
 def pin_predictors(program: LoadedProgram, lm_of: Any) -> None:
     """Give each pinned predictor its model's LM (`lm_of(model)`): DSPy's Predict calls its own
-    `lm` before the one in the request's context, so unpinned predictors use the request's model."""
+    `lm` before the one in the request's context, so unpinned predictors use the request's model.
+
+    An LM an unpinned predictor brought along (a state file or saved program recorded the one it was
+    optimized with) is dropped, with a warning: which model serves is the models file's to say, and
+    that LM carries neither our breakers nor our prices (nor, possibly, any credentials)."""
     for info in program.predictors:
         if info.model is not None:
             info.predictor.lm = lm_of(info.model)
+        elif getattr(info.predictor, "lm", None) is not None:
+            _log.warning(
+                "program.lm_ignored",
+                variant=program.variant,
+                predictor=info.name,
+                lm=str(getattr(info.predictor.lm, "model", "?")),
+                detail="the program set an LM on this predictor; it uses the request's model "
+                "(pin it with `models:` in the models file to choose one)",
+            )
+            info.predictor.lm = None

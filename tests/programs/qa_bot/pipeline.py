@@ -53,3 +53,11 @@ class SlowPipeline(SyncPipeline):
 def make_pipeline() -> SyncPipeline:
     """A zero-argument factory, the other form a `module:` path may name."""
     return SyncPipeline()
+
+
+class WithOwnLM(SyncPipeline):
+    """Sets an LM of its own on a predictor, as a program optimized elsewhere may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rewrite.lm = dspy.LM("openai/gpt-4o-mini", api_base="http://127.0.0.1:9/v1", api_key="x")
