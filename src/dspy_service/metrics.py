@@ -108,6 +108,14 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.redis_command_errors = Counter(
+            "dspy_redis_command_errors",
+            "Redis operations that failed without Redis being down, by error: a command Redis refused "
+            "(OOM, WRONGTYPE, ...) or pool_busy (no pooled connection free within the timeout). Each "
+            "fails open; the link stays up.",
+            ["error"],
+            registry=registry,
+        )
         self.unpriced = Counter(
             "dspy_unpriced_predictions",
             "Predictions whose cost could not be computed (no known price).",

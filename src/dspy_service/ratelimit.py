@@ -6,6 +6,10 @@ pipeline, together with a GET of the previous window: one round trip) and is all
 
     previous * (share of the previous window still inside the sliding window) + current <= limit.
 
+Counts asked for during one turn of the event loop go to Redis as one pipeline (as the cache's
+lookups do): a burst of requests takes one connection and one round trip per turn, not one each,
+so it cannot drain the connection pool.
+
 Refused requests count too, so a client that ignores `Retry-After` stays refused. While Redis is down
 (or not configured) each process counts on its own, with the same rule: the limit then holds per
 process, not per fleet.
@@ -13,6 +17,7 @@ process, not per fleet.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +32,9 @@ _LOCAL_MAX_IDENTITIES = 100_000
 _EPSILON = 1e-9  # the weighted count is a float: a request exactly at the limit must not fail on rounding
 
 _log = get_logger("dspy_service.ratelimit")
+
+# A count waiting for the next pipeline: the current and previous windows' keys, and where the counts go.
+_Waiting = tuple[str, str, "asyncio.Future[tuple[int, int] | None]"]
 
 
 class RateLimiter:
@@ -45,6 +53,8 @@ class RateLimiter:
         self._window = 0
         self._current: dict[str, int] = {}
         self._previous: dict[str, int] = {}
+        self._waiting: list[_Waiting] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def hit(self, identity: str) -> float | None:
         """Count one request of `identity`: None when it is allowed, else seconds until one would be."""
@@ -62,22 +72,49 @@ class RateLimiter:
         link = self._link
         if link is None or not link.connected:
             return None
-        current_key = f"{RATE_PREFIX}{identity}:{window}"
-        previous_key = f"{RATE_PREFIX}{identity}:{window - 1}"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, int] | None] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._send_batch)
+        self._waiting.append(
+            (f"{RATE_PREFIX}{identity}:{window}", f"{RATE_PREFIX}{identity}:{window - 1}", future)
+        )
+        return await future
+
+    def _send_batch(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._count_batch(batch))
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
+
+    async def _count_batch(self, batch: list[_Waiting]) -> None:
+        assert self._link is not None
         expiry = 2 * self.period + 1
 
         async def count(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
-            pipe.incr(current_key)
-            pipe.expire(current_key, expiry)
-            pipe.get(previous_key)
-            result: list[Any] = await pipe.execute()
+            for current_key, previous_key, _ in batch:
+                pipe.incr(current_key)
+                pipe.expire(current_key, expiry)
+                pipe.get(previous_key)
+            result: list[Any] = await pipe.execute(raise_on_error=False)
             return result
 
-        replies = await link.call(count)
-        if replies is None:
-            return None
-        return int(replies[0]), int(replies[2] or 0)
+        replies: list[Any] | None = None
+        try:
+            replies = await self._link.call(count)
+        finally:
+            for n, (_, _, future) in enumerate(batch):
+                if future.done():
+                    continue
+                counted = replies[3 * n : 3 * n + 3] if replies is not None else None
+                if counted is None or any(isinstance(reply, Exception) for reply in counted):
+                    if counted is not None:  # Redis refused this identity's commands (WRONGTYPE ...)
+                        error = next(reply for reply in counted if isinstance(reply, Exception))
+                        self._link.command_failed(error)
+                    future.set_result(None)
+                else:
+                    future.set_result((int(counted[0]), int(counted[2] or 0)))
 
     def _count_locally(self, identity: str, window: int) -> tuple[int, int]:
         if window != self._window:

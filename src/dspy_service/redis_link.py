@@ -1,21 +1,31 @@
 """The one Redis connection of a process, and whether Redis is answering right now.
 
-Redis is a cache here, never a dependency: every operation has a short timeout, a failure marks the
-link down, and while it is down no request waits on Redis at all. A background probe pings it with
-backoff and marks it up again when it answers, so the service heals without a restart.
+Redis is a cache here, never a dependency: every operation has a short timeout, a connection failure
+or a timeout marks the link down, and while it is down no request waits on Redis at all. A background
+probe pings it with backoff and marks it up again when it answers, so the service heals without a
+restart.
+
+Not every failure is an outage. A command Redis refuses (OOM under `maxmemory`, WRONGTYPE, a script
+error) fails that one operation open and is counted (`dspy_redis_command_errors_total`); the link
+stays up. A burst that wants more connections than the pool has waits for one, within the
+operation's timeout, instead of failing: operations take one of `max_connections` slots first, and
+one that cannot get a slot in time is given up (counted as `pool_busy`), never taken for a dead Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
@@ -24,6 +34,10 @@ T = TypeVar("T")
 
 KEY_PREFIX = "dspy-service:v1:"
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+# The failures that say Redis is unreachable (rather than refusing one command).
+_OUTAGES = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+MAX_CONNECTIONS = 64
+_LOG_EVERY_SECS = 60.0
 
 _log = get_logger("dspy_service.redis")
 
@@ -46,8 +60,10 @@ class RedisLink:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
-            max_connections=64,
+            max_connections=MAX_CONNECTIONS,
         )
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)  # one per pooled connection
+        self._last_logged: dict[str, float] = {}  # command error kind -> when it was last logged
         self.timeout = timeout
         self.connected = False
         self._metrics = metrics
@@ -75,15 +91,40 @@ class RedisLink:
         return self.connected
 
     async def call(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
-        """Run one Redis operation with the link's timeout; None (and link down) on any failure."""
+        """Run one Redis operation with the link's timeout; None on any failure (and the link down
+        when Redis could not be reached)."""
         if not self.connected:
             return None
+        slots = self._slots
+        if slots.locked():  # every connection is in use: wait for one, briefly
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                self._metrics.redis_command_errors.labels("pool_busy").inc()
+                return None
+        else:
+            await slots.acquire()  # free: taken at once, without a task switch
         try:
             async with asyncio.timeout(self.timeout):
                 return await operation(self.client)
-        except REDIS_FAILURES as exc:
+        except _OUTAGES as exc:
             self.mark_down(exc)
             return None
+        except RedisError as exc:  # Redis answered, refusing this one command: not an outage
+            self.command_failed(exc)
+            return None
+        finally:
+            slots.release()
+
+    def command_failed(self, exc: BaseException) -> None:
+        """Count (and now and then log) a command Redis refused; the link stays up."""
+        kind = _error_kind(exc)
+        self._metrics.redis_command_errors.labels(kind).inc()
+        now = time.monotonic()
+        if now - self._last_logged.get(kind, -_LOG_EVERY_SECS) >= _LOG_EVERY_SECS:  # a full Redis
+            self._last_logged[kind] = now  # refuses every write: one line a minute says so
+            _log.warning("redis.command_failed", error=type(exc).__name__, reply=kind, url=self._redacted_url)
 
     def mark_down(self, exc: BaseException) -> None:
         self._metrics.count_error("redis_error")
@@ -134,6 +175,28 @@ class RedisLink:
                     await listener()
                 return
             delay = min(delay * 2, self._probe_max)
+
+
+# redis-py turns some error replies into classes of their own and strips their prefix.
+_ERROR_REPLIES = {
+    "OutOfMemoryError": "OOM",
+    "NoScriptError": "NOSCRIPT",
+    "ReadOnlyError": "READONLY",
+    "NoPermissionError": "NOPERM",
+    "BusyLoadingError": "LOADING",
+}
+
+
+def _error_kind(exc: BaseException) -> str:
+    """The error reply's code (OOM, WRONGTYPE, ...), for the metric's label."""
+    named = _ERROR_REPLIES.get(type(exc).__name__)
+    if named is not None:
+        return named
+    text = str(exc)
+    if text.startswith("Command # "):  # a pipeline's: "Command # 1 (INCR k) of pipeline caused error: ..."
+        text = text.partition("caused error: ")[2]
+    word = text.split(" ", 1)[0]
+    return word if word.isupper() and word.isalpha() and len(word) <= 16 else type(exc).__name__[:32]
 
 
 async def run_quietly(link: RedisLink | None, operation: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
