@@ -48,6 +48,7 @@ from dspy_service.programs import (
 from dspy_service.programs import LoadedProgram as LoadedProgram
 from dspy_service.results import ModelUsage, Prediction, StreamChunk
 from dspy_service.routing import PredictionInput, Route, split_parameters
+from dspy_service.settings import redact_secrets
 from dspy_service.tracing import Tracing
 
 _log = get_logger("dspy_service.predictor")
@@ -674,23 +675,37 @@ class Predictor:
 
     @staticmethod
     def _client_facing(spec: ModelSpec, route: Route, failure: ProgramFailed) -> ServiceError:
-        if failure.kind == "timeout":
-            return ProviderTimeout(f"model {spec.key!r} timed out after {spec.request_timeout_secs:g} s")
-        if failure.kind == "rejected":
-            return InvalidRequest(
-                f"the provider rejected the request for model {spec.key!r}: {failure.message}"
+        """The error the client sees: what happened, in our words. The provider's own text (it may
+        carry internal model ids or the prompt) goes to the log, redacted, never to the client."""
+        variant = route.program.variant
+        if failure.kind not in ("unencodable",):
+            _log.warning(
+                "prediction.upstream_failed",
+                model=spec.key,
+                variant=variant,
+                kind=failure.kind,
+                status=failure.status,
+                detail=redact_secrets(failure.message)[:500],
             )
+        if failure.kind == "timeout":
+            return ProviderTimeout(
+                f"model {spec.key!r} did not answer in time (its timeout, or the provider's)"
+            )
+        if failure.kind == "too_long":
+            return InvalidRequest(
+                f"the input is too long for model {spec.key!r}: its context window is exceeded"
+            )
+        if failure.kind == "content":
+            return InvalidRequest(f"the provider of model {spec.key!r} refused the request's content")
         if failure.kind == "parse":
             return ProviderError(f"model {spec.key!r} answered in a shape the program could not parse")
         if failure.kind == "unencodable":
             return ProviderError(
-                f"the program of variant {route.program.variant!r} answered with a value that cannot "
-                "be encoded as JSON"
+                f"the program of variant {variant!r} answered with a value that cannot be encoded as JSON"
             )
         if failure.kind == "unexpected":
-            _log.warning("prediction.program_failed", variant=route.program.variant, detail=failure.message)
             return ProviderError(
-                f"the program of variant {route.program.variant!r} failed: {failure.message.split(':')[0]}"
+                f"the program of variant {variant!r} failed: {failure.message.split(':')[0]}"
             )
         status = f" (HTTP {failure.status})" if failure.status else ""
         return ProviderError(f"model {spec.key!r} failed{status}: {failure.kind}")

@@ -228,7 +228,7 @@ def build_services(
     if base_url is not None and settings.uses_simulator:
         provider_description = f"simulator at {base_url}"
     elif provider_url:
-        provider_description = f"OpenAI-compatible API at {provider_url}"
+        provider_description = f"OpenAI-compatible API at {redact_url(provider_url)}"
     else:
         provider_description = "provider default endpoints"
 

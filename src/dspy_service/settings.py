@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -110,9 +110,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_redis_url(self) -> Settings:
-        scheme = urlsplit(self.redis_url.get_secret_value()).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"REDIS_URL must use redis://, rediss:// or unix://, not {scheme!r}")
+        """A URL Redis's client cannot parse is refused here, in words that never quote it (it may
+        hold a password): a `/` or `@` in a password must be percent-encoded."""
+        url = self.redis_url.get_secret_value()
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises for a password that broke the host part
+        except ValueError:
+            raise ValueError(
+                "REDIS_URL cannot be parsed (a password containing '/', '@' or ':' must be "
+                "percent-encoded, e.g. '/' as %2F)"
+            ) from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"REDIS_URL must use redis://, rediss:// or unix://, not {parts.scheme!r}")
+        for name in ("openai_base_url", "otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
+            value = getattr(self, name)
+            if value is not None and redact_url(value) == UNPARSABLE_URL:
+                raise ValueError(f"{name.upper()} cannot be parsed as a URL")
         return self
 
     @property
@@ -187,15 +201,46 @@ def parse_rate_limit(text: str) -> tuple[int, int] | None:
     return int(found[1]), _RATE_PERIODS[found[2].lower()]
 
 
+UNPARSABLE_URL = "<unparsable URL>"
+# Query parameters whose values are secrets wherever they appear (?password=, ?api_key=, ...).
+_SECRET_PARAMETER = re.compile(r"(pass|pwd|secret|token|key|auth|sig|credential|session)", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any user name and password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    """The URL with any user name and password, and the values of secret-looking query parameters,
+    replaced by `***`; a URL that cannot be parsed is never echoed."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return UNPARSABLE_URL
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"***@{host}" + (f":{port}" if port is not None else "")
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(name, "***" if _SECRET_PARAMETER.search(name) else value) for name, value in pairs], safe="*"
+        )
+    if "://" in url:  # urlunsplit would drop an empty host's slashes (unix:///path)
+        rebuilt = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"//{netloc}{parts.path}"
+        return rebuilt + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+_BEARER_IN_TEXT = re.compile(r"(bearer\s+|sk-)[A-Za-z0-9._\-]{6,}", re.IGNORECASE)
+
+
+def redact_secrets(text: str) -> str:
+    """Free text (a provider's error message) with the URLs in it redacted and anything that looks
+    like a key or bearer token replaced by `***`."""
+    text = _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+    return _BEARER_IN_TEXT.sub(lambda match: match.group(1) + "***", text)
 
 
 def service_environment(environ: Mapping[str, str]) -> dict[str, str]:

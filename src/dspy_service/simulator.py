@@ -15,6 +15,7 @@ observation, finishes. Answers are the same for the same input. It reports token
 - ``retry_after``    seconds put in a ``Retry-After`` header on injected errors, if set
 - ``hang``           never answer (the client must time out)
 - ``fail_next``      answer the next N calls with ``error_status``, whatever ``error_rate`` says
+- ``error_code``     the ``code`` in injected errors' bodies (e.g. ``context_length_exceeded``)
 
 Knobs are set by command-line flags at start and at run time by ``POST /_sim/config``;
 ``GET /_sim/stats`` counts calls and tokens, ``POST /_sim/reset`` zeroes the counts.
@@ -78,6 +79,7 @@ class Knobs:
     stream_chunk_ms: float = 1.0  # pause between streamed chunks
     stream_break_after: int | None = None  # cut streams off (connection dropped) after this many chunks
     answer_pad_chars: int = 0  # make every text answer this many characters longer (large answers)
+    error_code: str | None = None  # the `code` of injected errors' bodies (context_length_exceeded ...)
 
     def update(self, changes: dict[str, Any]) -> None:
         for name, value in changes.items():
@@ -534,8 +536,10 @@ def _compose_answer(messages: list[dict[str, Any]], as_json: bool, pad_chars: in
     return "\n\n".join(parts)
 
 
-def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = {"error": {"message": message, "type": "simulated_error", "code": status}}
+def _json_error(
+    status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
+) -> Response:
+    body = {"error": {"message": message, "type": "simulated_error", "code": code or status}}
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -569,7 +573,8 @@ class Simulator:
         if forced or (knobs.error_rate > 0 and self._random.random() < knobs.error_rate):
             stats.errors += 1
             headers = {"Retry-After": f"{knobs.retry_after:g}"} if knobs.retry_after is not None else None
-            return _json_error(knobs.error_status, f"simulated provider error {knobs.error_status}", headers)
+            message = f"simulated provider error {knobs.error_status} (internal-model-7b-secret-route)"
+            return _json_error(knobs.error_status, message, headers, knobs.error_code)
 
         content = _compose_answer(messages, _wants_json(body, messages), self.knobs.answer_pad_chars)
         prompt_tokens = sum(count_tokens(_message_text(m)) for m in messages)

@@ -109,14 +109,41 @@ def test_provider_error_is_502(shared_service: ServiceProcess, sim: Simulator) -
     assert sim.stats()["calls"] == 3  # the first try and max_retries (2) more
 
 
-def test_provider_rejecting_the_content_is_a_client_error(
-    shared_service: ServiceProcess, sim: Simulator
+@pytest.mark.parametrize(
+    ("status", "code", "expected_status", "says"),
+    [
+        (400, "context_length_exceeded", 422, "too long"),  # the client's input: theirs to fix
+        (400, "content_policy_violation", 422, "refused the request's content"),
+        (400, None, 502, "HTTP 400"),  # an unknown model, a bad parameter: the operator's to fix
+        (404, "model_not_found", 502, "HTTP 404"),
+        (401, "invalid_api_key", 502, "auth"),
+    ],
+)
+def test_a_provider_refusal_is_the_clients_error_only_when_it_is_about_the_content(
+    shared_service: ServiceProcess,
+    sim: Simulator,
+    status: int,
+    code: str | None,
+    expected_status: int,
+    says: str,
 ) -> None:
-    """A 400 from the provider (e.g. prompt too long) is the client's problem: 422, not retried."""
-    sim.configure(error_rate=1.0, error_status=400)
+    """Only a refusal of the request's content (too long, a content policy) is a 422; a gateway's
+    400/401/404 for an unknown model or a wrong key is a 502. None is retried, and the provider's
+    own text (internal model names, routes) stays in the log."""
+    sim.configure(error_rate=1.0, error_status=status, error_code=code)
     response = shared_service.http.post("/v1/predict", json={"model": "gpt-3.5-turbo", "input": unique()})
-    assert_error(response, 422, "invalid_request", "rejected")
+    body = assert_error(
+        response, expected_status, "invalid_request" if expected_status == 422 else "provider_error", says
+    )
+    assert "internal-model" not in response.text
+    assert "simulated provider error" not in body["error"]["message"]
     assert sim.stats()["calls"] == 1
+    logged = [
+        line for line in shared_service.log_lines() if line.get("event") == "prediction.upstream_failed"
+    ]
+    assert any(
+        "internal-model" in str(line.get("detail")) and line.get("status") == status for line in logged
+    )
 
 
 def test_provider_timeout_is_504(service_factory: ServiceFactory, sim: Simulator, tmp_path: Path) -> None:

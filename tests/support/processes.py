@@ -174,6 +174,7 @@ class Simulator:
             stream_chunk_ms=1,
             stream_break_after=None,
             answer_pad_chars=0,
+            error_code=None,
         )
         self.http.post("/_sim/reset").raise_for_status()
 

@@ -17,6 +17,7 @@ from dspy_service.api.schemas import PredictRequest, describe_validation_error
 from dspy_service.errors import InvalidRequest
 from dspy_service.results import Prediction
 from dspy_service.routing import PredictionInput
+from dspy_service.settings import redact_url
 from dspy_service.timefmt import utc_now_iso
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ async def config(request: Request) -> Response:
                 "cost_per_1k_output_tokens": spec.cost_per_1k_output_tokens,
                 "max_retries": spec.max_retries,
                 "request_timeout_secs": spec.request_timeout_secs,
-                "api_base": spec.api_base,
+                "api_base": redact_url(spec.api_base) if spec.api_base else None,
                 "api_key_env": spec.api_key_env,
                 "fallbacks": list(spec.fallbacks),
             }

@@ -20,7 +20,17 @@ from dspy.utils.exceptions import (
 )
 
 FailureKind = Literal[
-    "timeout", "transport", "server", "rate_limit", "rejected", "auth", "parse", "unencodable", "unexpected"
+    "timeout",
+    "transport",
+    "server",
+    "rate_limit",
+    "too_long",  # the request's content does not fit the model's context window: the client's to fix
+    "content",  # the provider refused the request's content (a content policy): the client's to fix
+    "rejected",  # any other refusal (unknown model, bad parameter): the operator's to fix
+    "auth",
+    "parse",
+    "unencodable",
+    "unexpected",
 ]
 
 UsageByModel = dict[str, tuple[int, int, int]]  # provider model id -> (input tokens, output tokens, calls)
@@ -101,8 +111,11 @@ def _classify(exc: Exception) -> FailureKind:
         return "server"
     if isinstance(exc, (LMAuthError, LMBillingError)):
         return "auth"
-    if isinstance(exc, (LMInvalidRequestError, ContextWindowExceededError)):
-        return "rejected"
+    if isinstance(exc, ContextWindowExceededError):
+        return "too_long"
+    if isinstance(exc, LMInvalidRequestError):
+        code = str(getattr(exc, "provider_code", "") or "").lower()
+        return "content" if "content" in code or "safety" in code else "rejected"
     if isinstance(exc, AdapterParseError):
         return "parse"
     return "unexpected"
