@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -39,17 +40,34 @@ def _add_timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def _orjson_dumps(event: dict[str, Any], **_: Any) -> bytes:
-    return orjson.dumps(event, default=str)
+# Secrets shorter than this are not searched for: they would blank ordinary words.
+_MIN_SECRET_CHARS = 6
 
 
-def _orjson_text(event: dict[str, Any], **_: Any) -> str:
-    return orjson.dumps(event, default=str).decode()
+def _serializers(secrets: Iterable[str]) -> tuple[Callable[..., bytes], Callable[..., str]]:
+    """The JSON serializers of log lines: each line with every known secret blanked, wherever in
+    the line it appears (a provider's error text, a URL in a library's message, a traceback).
+    Searching the rendered bytes is one C-level scan per secret; lines without secrets pay nothing more."""
+    known = sorted({s.encode() for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True)
+
+    def dumps(event: dict[str, Any], **_: Any) -> bytes:
+        line = orjson.dumps(event, default=str)
+        for secret in known:
+            if secret in line:
+                line = line.replace(secret, b"***")
+        return line
+
+    def text(event: dict[str, Any], **_: Any) -> str:
+        return dumps(event).decode()
+
+    return dumps, text
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
-    """Configure structlog and the stdlib root logger. Safe to call more than once."""
+def configure_logging(level: str = "info", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
+    """Configure structlog and the stdlib root logger. Safe to call more than once (again with the
+    secrets, once they are known)."""
     numeric = _LEVELS.get(level.lower(), logging.INFO)
+    dumps, text = _serializers(secrets)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -58,7 +76,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     ]
     renderer: Any
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        renderer = structlog.processors.JSONRenderer(serializer=dumps)
         logger_factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
@@ -70,7 +88,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         cache_logger_on_first_use=True,
     )
     foreign_renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=_orjson_text)
+        structlog.processors.JSONRenderer(serializer=text)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )

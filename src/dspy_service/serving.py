@@ -116,7 +116,7 @@ def free_port(host: str) -> int:
 def load_configuration() -> tuple[Settings, ModelsConfig] | int:
     """Settings and the models file, or exit code 2 with the problem on stderr."""
     from dspy_service.models_config import load_models_config
-    from dspy_service.settings import Settings
+    from dspy_service.settings import Settings, url_secrets
 
     try:
         settings = Settings()
@@ -134,6 +134,10 @@ def load_configuration() -> tuple[Settings, ModelsConfig] | int:
     except ConfigError as exc:
         print(f"dspy-service: configuration error: {exc}", file=sys.stderr)
         return 2
+    secrets = settings.secret_values()
+    for spec in models_config.models.values():
+        secrets += url_secrets(spec.api_base)
+    configure_logging(settings.log_level, settings.log_format, secrets)
     return settings, models_config
 
 

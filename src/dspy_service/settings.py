@@ -167,6 +167,23 @@ class Settings(BaseSettings):
             return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
         return None
 
+    def secret_values(self) -> list[str]:
+        """Every secret the settings hold, as text: the log renderer blanks each wherever it shows."""
+        found = url_secrets(self.redis_url.get_secret_value())
+        for url in (
+            self.openai_base_url,
+            self.otel_exporter_otlp_endpoint,
+            self.otel_exporter_otlp_traces_endpoint,
+        ):
+            found += url_secrets(url)
+        if self.openai_api_key is not None:
+            found.append(self.openai_api_key.get_secret_value())
+        if self.api_keys is not None:
+            found += [
+                entry.split()[0] for entry in self.api_keys.get_secret_value().split(",") if entry.split()
+            ]
+        return found
+
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis_url.get_secret_value())
 
@@ -232,6 +249,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_USERINFO_IN_TEXT = re.compile(r"(?<![\w/])[\w.%+-]+:[^\s@/]+@(?=[\w.\[-])")
 _URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
 _BEARER_IN_TEXT = re.compile(r"(bearer\s+|sk-)[A-Za-z0-9._\-]{6,}", re.IGNORECASE)
 
@@ -240,7 +258,21 @@ def redact_secrets(text: str) -> str:
     """Free text (a provider's error message) with the URLs in it redacted and anything that looks
     like a key or bearer token replaced by `***`."""
     text = _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+    text = _USERINFO_IN_TEXT.sub("***@", text)  # "failed to connect to user:password@host"
     return _BEARER_IN_TEXT.sub(lambda match: match.group(1) + "***", text)
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The secret parts of a URL: its password (and user name) and secret-looking query values."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        found = [value for value in (parts.password, parts.username) if value]
+        found += [v for k, v in parse_qsl(parts.query) if v and _SECRET_PARAMETER.search(k)]
+    except ValueError:
+        return [url]  # unparsable: the whole of it
+    return found
 
 
 def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
