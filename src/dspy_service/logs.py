@@ -107,6 +107,12 @@ def configure_logging(level: str = "info", fmt: str = "json", secrets: Iterable[
     logging.getLogger("uvicorn.access").disabled = True
 
 
+def current_request_id() -> str | None:
+    """The ID of the request being served in this context (bound by the request-ID middleware)."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return value if isinstance(value, str) else None
+
+
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 

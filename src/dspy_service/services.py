@@ -17,7 +17,7 @@ from dspy_service.budgets import Budgets
 from dspy_service.cache import MemoryCache, RedisCache, TwoLevelCache, cache_namespace
 from dspy_service.costs import CostLedger, Price, configured_price
 from dspy_service.errors import ConfigError
-from dspy_service.logs import get_logger
+from dspy_service.logs import current_request_id, get_logger
 from dspy_service.metrics import Metrics
 from dspy_service.models_config import ModelsConfig, load_models_config
 from dspy_service.predictor import Predictor
@@ -134,7 +134,17 @@ def build_programs(
         key: load_program(spec, source, callbacks=(ToolObserver(key, metrics, tracing),))
         for key, spec in models_config.variants.items()
     }
-    lms = LanguageModels(models_config.models, api_key=api_key, base_url=base_url)
+
+    def headers_of() -> list[tuple[str, str]]:
+        """The request's ID and trace context, sent with every provider call, so that a gateway's
+        logs and traces join ours."""
+        request_id = current_request_id()
+        headers = [("X-Request-ID", request_id)] if request_id else []
+        if tracing is not None:
+            headers += tracing.propagation_headers()
+        return headers
+
+    lms = LanguageModels(models_config.models, api_key=api_key, base_url=base_url, headers_of=headers_of)
     for program in programs.values():
         pin_predictors(program, lms.base)
     return programs, lms

@@ -98,6 +98,9 @@ class Stats:
     streams_started: int = 0
     streams_completed: int = 0
     streams_abandoned: int = 0  # ended early: the client closed it (or stream_break_after cut it)
+    # X-Request-ID and traceparent headers of the latest calls (up to 100), as callers sent them
+    request_ids: list[str] = field(default_factory=list)
+    traceparents: list[str] = field(default_factory=list)
 
 
 def count_tokens(text: str) -> int:
@@ -560,6 +563,10 @@ class Simulator:
         model = str(body.get("model", "unknown"))
         stats = self.stats
         stats.calls += 1
+        for header, seen in (("x-request-id", stats.request_ids), ("traceparent", stats.traceparents)):
+            if (value := request.headers.get(header)) is not None:
+                seen.append(value)
+                del seen[:-100]
         stats.by_model[model] = stats.by_model.get(model, 0) + 1
         knobs = self.knobs
         if knobs.hang:

@@ -164,6 +164,14 @@ class Tracing:
         """A child span of the current one, current while the `with` block runs (cache lookups)."""
         return self._tracer.start_as_current_span(name)
 
+    def propagation_headers(self) -> list[tuple[str, str]]:
+        """`traceparent` (and `tracestate`) of the current span, for a call to the provider."""
+        from opentelemetry import propagate
+
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return list(carrier.items())
+
     def start_tool_span(self, tool: str, variant: str) -> Span:
         """A `tool.call` span for one tool call of a program, ended by the caller (tools.py): a
         tool's start and end arrive as two DSPy callbacks, not one block."""

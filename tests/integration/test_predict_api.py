@@ -174,3 +174,16 @@ def test_cors_is_off_unless_configured(shared_service: ServiceProcess) -> None:
     """No CORS headers for a cross-origin request when CORS_ALLOW_ORIGINS is empty."""
     response = shared_service.http.get("/health", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in response.headers
+
+
+def test_the_request_id_goes_upstream_with_the_provider_call(
+    shared_service: ServiceProcess, sim: Simulator
+) -> None:
+    """Each provider call carries the request's X-Request-ID, so our logs join a gateway's."""
+    response = shared_service.http.post(
+        "/v1/predict",
+        json={"model": "gpt-4", "variant": "cot", "input": unique("Which request is this?")},
+        headers={"X-Request-ID": "join-me-0042"},
+    )
+    assert response.status_code == 200, response.text
+    assert sim.stats()["request_ids"] == ["join-me-0042"]

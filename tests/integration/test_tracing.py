@@ -504,3 +504,23 @@ def test_a_tool_call_of_a_program_is_a_span_under_its_lm_call(
         assert tools[tool]["dspy.variant"] == variant
         assert tools[tool].get("error.type") == error
         assert tools["finish"].get("error.type") is None
+
+
+def test_the_trace_context_goes_upstream_with_the_provider_call(
+    traced_service: TracedFactory, sim: Simulator
+) -> None:
+    """With tracing on, the provider call carries a `traceparent` in the caller's trace, naming the
+    attempt's `lm.call` span as its parent, so a gateway's spans join ours."""
+    service = traced_service()
+    traceparent, trace_id, _ = new_traceparent()
+    response = service.http.post(
+        "/v1/predict",
+        json={"model": "gpt-4", "input": unique("Trace me upstream")},
+        headers={"traceparent": traceparent},
+    )
+    assert response.status_code == 200, response.text
+    [sent] = sim.stats()["traceparents"]
+    _, sent_trace, sent_parent, _ = sent.split("-")
+    assert sent_trace == trace_id
+    [lm] = [span for span in service.children(service.request_span(trace_id)) if span.name == "lm.call"]
+    assert int(sent_parent, 16) == lm.context.span_id

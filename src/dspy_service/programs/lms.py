@@ -9,7 +9,7 @@ import os
 import threading
 import urllib.request
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from dspy_service.costs import Price
@@ -28,7 +28,34 @@ LM_OPTIONS = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed"})
 _MAX_LM_COPIES = 256
 
 
-def _build_lm(spec: ModelSpec, *, api_key: str | None, api_base: str | None) -> Any:
+HeaderSource = Callable[[], list[tuple[str, str]]]  # headers for the provider call being made now
+
+_TAGGING: dict[type, type] = {}
+
+
+def _tagging(transport: type) -> type:
+    """lm15's transport class, with the headers of the call in progress (the request's ID, the
+    trace's `traceparent`) added to every HTTP request it sends: lm15's request types carry no
+    headers of their own, so the transport is the one place to add them."""
+    found = _TAGGING.get(transport)
+    if found is None:
+
+        class Tagged(transport):  # type: ignore[misc]  # a class chosen at run time
+            headers_of: HeaderSource | None = None
+
+            def stream(self, request: Any) -> Any:
+                extra = self.headers_of() if self.headers_of is not None else None
+                if extra:
+                    request = dataclasses.replace(request, headers=[*request.headers, *extra])
+                return super().stream(request)
+
+        found = _TAGGING[transport] = Tagged
+    return found
+
+
+def _build_lm(
+    spec: ModelSpec, *, api_key: str | None, api_base: str | None, headers_of: HeaderSource | None = None
+) -> Any:
     """DSPy's native engine where it can serve the model, else its LiteLLM engine.
 
     With engine "auto", an OPENAI_BASE_URL in the environment sends every call through LiteLLM
@@ -65,6 +92,7 @@ def _build_lm(spec: ModelSpec, *, api_key: str | None, api_base: str | None) -> 
             api_base=api_base,
             timeout_secs=spec.request_timeout_secs,
             capabilities_of=lm,
+            headers_of=headers_of,
         )
     except (ImportError, AttributeError, TypeError) as exc:  # a DSPy upgrade moved lm15's transports
         _log.warning("lm.dspy_native_engine", model=spec.name, reason=f"{type(exc).__name__}: {exc}")
@@ -99,8 +127,16 @@ class _ChatEngine:
     """
 
     def __init__(
-        self, model: str, *, api_key: str, api_base: str | None, timeout_secs: float, capabilities_of: Any
+        self,
+        model: str,
+        *,
+        api_key: str,
+        api_base: str | None,
+        timeout_secs: float,
+        capabilities_of: Any,
+        headers_of: HeaderSource | None = None,
     ) -> None:
+        self._headers_of = headers_of
         self._model = model
         self._api_key = api_key
         self._api_base = api_base
@@ -130,12 +166,13 @@ class _ChatEngine:
         from dspy._vendor.lm15.transports import StdlibAsyncTransport, StdlibTransport
         from dspy.lm15 import RouterConfig
 
-        transport = (StdlibAsyncTransport if asynchronous else StdlibTransport)(
+        transport = _tagging(StdlibAsyncTransport if asynchronous else StdlibTransport)(
             read_timeout=self._timeout,
             write_timeout=self._timeout,
             pool_timeout=self._timeout,
             trust_env=self._trust_env,
         )
+        transport.headers_of = self._headers_of
         return RouterConfig(
             api_keys={_CHAT_PROVIDER: self._api_key},
             base_urls={_CHAT_PROVIDER: self._api_base} if self._api_base else None,
@@ -205,13 +242,22 @@ class _AsyncChatEngine:
 class LanguageModels:
     """One dspy.LM per configured model, plus bounded copies carrying per-request LM options."""
 
-    def __init__(self, models: dict[str, ModelSpec], *, api_key: str | None, base_url: str | None) -> None:
+    def __init__(
+        self,
+        models: dict[str, ModelSpec],
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        headers_of: HeaderSource | None = None,
+    ) -> None:
+        """`headers_of` gives the headers to send with each provider call (X-Request-ID, traceparent);
+        DSPy's native OpenAI-compatible client sends them, other providers' clients do not."""
         self._base: dict[str, Any] = {}
         self._copies: OrderedDict[tuple[str, tuple[tuple[str, Any], ...]], Any] = OrderedDict()
         for key, spec in models.items():
             model_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
             self._base[key] = _build_lm(
-                spec, api_key=model_key or api_key, api_base=spec.api_base or base_url
+                spec, api_key=model_key or api_key, api_base=spec.api_base or base_url, headers_of=headers_of
             )
 
     def base(self, model: str) -> Any:
