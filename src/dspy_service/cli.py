@@ -50,8 +50,14 @@ def _simulate(args: argparse.Namespace) -> int:
         error_status=args.error_status,
         hang=args.hang,
     )
+    # A hung request (the `hang` knob) must not hold SIGTERM up: shutdown waits one second for it.
     uvicorn.run(
-        create_simulator_app(knobs), host=args.host, port=args.port, log_config=None, access_log=False
+        create_simulator_app(knobs),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=1,
     )
     return 0
 

@@ -184,13 +184,24 @@ def build_price_lookup(config: ModelsConfig) -> dict[str, Price | None]:
 
 
 def check_budgets_priced(config: ModelsConfig, prices: dict[str, Price | None]) -> None:
-    """ConfigError for a model budget whose spend cannot be priced (start-up and reloads alike)."""
+    """ConfigError for a budget whose spend cannot be priced (start-up and reloads alike): a model
+    budget of an unpriced model, or a tenant budget while any model a tenant may call is unpriced
+    (its spend there would never count against the tenant)."""
     for key in config.budgets.models:
         if prices.get(config.models[key].name) is None:
             raise ConfigError(
                 f"{config.source}: budgets.models.{key}: no price is known for this model, so its "
                 "spend cannot be counted; give cost_per_1k_input_tokens and cost_per_1k_output_tokens"
             )
+    if config.budgets.tenants:
+        tenant = next(iter(config.budgets.tenants))
+        for key, spec in config.models.items():
+            if prices.get(spec.name) is None:
+                raise ConfigError(
+                    f"{config.source}: budgets.tenants.{tenant}: tenant {tenant!r} has a budget, but "
+                    f"model {key!r} has no known price, so what the tenant spends on it could not be "
+                    f"counted; give models.{key} cost_per_1k_input_tokens and cost_per_1k_output_tokens"
+                )
 
 
 def build_budgets(

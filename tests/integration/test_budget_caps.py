@@ -12,7 +12,13 @@ import httpx
 import pytest
 
 from tests.integration.conftest import ServiceFactory
-from tests.support.processes import RedisServer, ServiceProcess, Simulator, wait_until
+from tests.support.processes import (
+    RedisServer,
+    ServiceProcess,
+    Simulator,
+    run_service_expecting_failure,
+    wait_until,
+)
 
 PRICE_PER_1K = 0.5  # USD per 1,000 tokens, in and out: a call here costs about 0.1 USD
 MODELS = f"""
@@ -128,3 +134,40 @@ def test_abandoned_streams_are_charged_at_their_reservation(
     assert fleet_spend(isolated_redis) <= 1.0
     costs = metered.http.get("/costs").json()["metered:baseline"]
     assert costs["unmetered_calls"] == admitted
+
+
+def test_a_tenant_budget_with_an_unpriced_model_stops_start_up(tmp_path: Path) -> None:
+    """A tenant with a budget could spend without limit on a model no price is known for: start-up
+    stops (exit 2) naming the tenant and the model."""
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n"
+        "  priced: {name: openai/gpt-4, cost_per_1k_input_tokens: 0.03, cost_per_1k_output_tokens: 0.06}\n"
+        "  mystery: {name: openai/house-model-without-a-price}\n"
+        "variants:\n  baseline: {signature: 'question -> answer'}\n"
+        "budgets:\n  tenants: {acme: {daily_usd: 5}}\n",
+        encoding="utf-8",
+    )
+    env = {"MODELS_CONFIG": str(models), "OPENAI_API_KEY": "k", "REDIS_URL": "redis://127.0.0.1:1"}
+    code, output = run_service_expecting_failure(env, tmp_path)
+    assert code == 2, output
+    assert "budgets.tenants.acme" in output
+    assert "'mystery'" in output
+    assert "Traceback" not in output
+
+
+def test_coalesced_requests_report_that_they_spent_nothing(metered: ServiceProcess, sim: Simulator) -> None:
+    """Identical misses arriving together share one provider call, budget or not: the one that made
+    it reports its cost, the others `coalesced: true` and 0 USD, and /costs counts all three."""
+    sim.configure(latency_ms=300)
+    body = {"model": "metered", "input": f"together {uuid.uuid4().hex}"}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(pool.map(lambda _: metered.http.post("/v1/predict", json=body).json(), range(3)))
+    metas = sorted((a["metadata"] for a in answers), key=lambda m: m["coalesced"])
+    assert sim.stats()["calls"] == 1
+    assert [m["coalesced"] for m in metas] == [False, True, True]
+    assert metas[0]["cost_usd"] > 0
+    assert [m["cost_usd"] for m in metas[1:]] == [0.0, 0.0]
+    row = metered.http.get("/costs").json()["metered:baseline"]
+    assert row["total_requests"] == 3
+    assert row["total_cost_usd"] == pytest.approx(metas[0]["cost_usd"])
