@@ -89,6 +89,7 @@ class Services:
         if self.budgets is not None:
             self.budgets.start()
         self.lifecycle.started = True
+        self._warn_if_unprotected()
         _log.info(
             "service.started",
             version=self.settings.service_version,
@@ -97,6 +98,22 @@ class Services:
             redis_connected=bool(self.redis_link and self.redis_link.connected),
             models=sorted(self.models_config.models),
             variants=sorted(self.programs),
+        )
+
+    def _warn_if_unprotected(self) -> None:
+        """A real provider key, no API keys and a non-loopback address: anyone who reaches the port
+        spends the provider's money. Allowed (a trusted network may front it), but never quietly."""
+        settings = self.settings
+        if settings.uses_simulator or self.keyring is not None:
+            return
+        if settings.host in ("127.0.0.1", "localhost", "::1") or settings.host.startswith("127."):
+            return
+        _log.warning(
+            "service.unprotected",
+            host=settings.host,
+            detail="a real provider is configured, API keys are off and the service listens beyond "
+            "loopback: anyone who can reach it spends on your provider account. Set API_KEYS or "
+            "API_KEYS_FILE, or bind HOST=127.0.0.1 behind a proxy that authenticates.",
         )
 
     async def stop(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import base_env
+from tests.integration.conftest import ServiceFactory, base_env
 from tests.support.processes import LOOPBACK, RedisServer, ServiceProcess, Simulator, wait_until
 
 KEY_ACME = "sk-acme-" + "a1" * 12  # stored only as its SHA-256, tenant acme
@@ -579,3 +579,16 @@ def test_a_bad_keys_file_stops_start_up_without_printing_keys(tmp_path: Path) ->
     assert f"{keys}:2" in output
     assert "short-secret" not in output
     assert KEY_PLAIN not in output
+
+
+def test_a_real_provider_without_api_keys_beyond_loopback_warns_loudly(
+    service_factory: ServiceFactory, sim: Simulator
+) -> None:
+    """A provider key, no API keys and HOST beyond loopback: start-up logs `service.unprotected`
+    (on loopback, or with keys, it does not)."""
+    open_one = service_factory("open", HOST="0.0.0.0")
+    on_loopback = service_factory("loopback")
+    assert [line["host"] for line in open_one.log_lines() if line.get("event") == "service.unprotected"] == [
+        "0.0.0.0"
+    ]
+    assert not [line for line in on_loopback.log_lines() if line.get("event") == "service.unprotected"]
