@@ -104,6 +104,7 @@ def create_app(services: Services) -> Starlette:
                 keyring=services.keyring,
                 metrics=services.metrics,
                 metrics_public=settings.metrics_public,
+                limiter=services.rate_limiter,
             )
         )
     if services.rate_limiter is not None:

@@ -33,8 +33,9 @@ _EPSILON = 1e-9  # the weighted count is a float: a request exactly at the limit
 
 _log = get_logger("dspy_service.ratelimit")
 
-# A count waiting for the next pipeline: the current and previous windows' keys, and where the counts go.
-_Waiting = tuple[str, str, "asyncio.Future[tuple[int, int] | None]"]
+# A count waiting for the next pipeline: the current and previous windows' keys, how many requests it
+# adds, and where the counts go.
+_Waiting = tuple[str, str, int, "asyncio.Future[tuple[int, int] | None]"]
 
 
 class RateLimiter:
@@ -56,19 +57,20 @@ class RateLimiter:
         self._waiting: list[_Waiting] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def hit(self, identity: str) -> float | None:
-        """Count one request of `identity`: None when it is allowed, else seconds until one would be."""
+    async def hit(self, identity: str, weight: int = 1) -> float | None:
+        """Count `weight` requests of `identity` (a batch counts its items): None when they are
+        allowed, else seconds until one more would be."""
         now = self._clock()
         window = int(now // self.period)
         elapsed = (now - window * self.period) / self.period
-        local_current, local_previous = self._count_locally(identity, window)
-        counts = await self._count_in_redis(identity, window)
+        local_current, local_previous = self._count_locally(identity, window, weight)
+        counts = await self._count_in_redis(identity, window, weight)
         current, previous = counts if counts is not None else (local_current, local_previous)
         if previous * (1 - elapsed) + current <= self.limit + _EPSILON:
             return None
         return self._retry_after(current, previous, elapsed)
 
-    async def _count_in_redis(self, identity: str, window: int) -> tuple[int, int] | None:
+    async def _count_in_redis(self, identity: str, window: int, weight: int) -> tuple[int, int] | None:
         link = self._link
         if link is None or not link.connected:
             return None
@@ -77,7 +79,7 @@ class RateLimiter:
         if not self._waiting:
             loop.call_soon(self._send_batch)
         self._waiting.append(
-            (f"{RATE_PREFIX}{identity}:{window}", f"{RATE_PREFIX}{identity}:{window - 1}", future)
+            (f"{RATE_PREFIX}{identity}:{window}", f"{RATE_PREFIX}{identity}:{window - 1}", weight, future)
         )
         return await future
 
@@ -93,8 +95,8 @@ class RateLimiter:
 
         async def count(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
-            for current_key, previous_key, _ in batch:
-                pipe.incr(current_key)
+            for current_key, previous_key, weight, _ in batch:
+                pipe.incrby(current_key, weight)
                 pipe.expire(current_key, expiry)
                 pipe.get(previous_key)
             result: list[Any] = await pipe.execute(raise_on_error=False)
@@ -104,7 +106,7 @@ class RateLimiter:
         try:
             replies = await self._link.call(count)
         finally:
-            for n, (_, _, future) in enumerate(batch):
+            for n, (_, _, _, future) in enumerate(batch):
                 if future.done():
                     continue
                 counted = replies[3 * n : 3 * n + 3] if replies is not None else None
@@ -116,7 +118,7 @@ class RateLimiter:
                 else:
                     future.set_result((int(counted[0]), int(counted[2] or 0)))
 
-    def _count_locally(self, identity: str, window: int) -> tuple[int, int]:
+    def _count_locally(self, identity: str, window: int, weight: int = 1) -> tuple[int, int]:
         if window != self._window:
             self._previous = self._current if window == self._window + 1 else {}
             self._current = {}
@@ -124,7 +126,7 @@ class RateLimiter:
         elif len(self._current) >= _LOCAL_MAX_IDENTITIES and identity not in self._current:
             _log.warning("ratelimit.local_reset", identities=len(self._current))
             self._current = {}
-        current = self._current[identity] = self._current.get(identity, 0) + 1
+        current = self._current[identity] = self._current.get(identity, 0) + weight
         return current, self._previous.get(identity, 0)
 
     def _retry_after(self, current: int, previous: int, elapsed: float) -> float:

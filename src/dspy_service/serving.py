@@ -239,6 +239,9 @@ async def serve(
         access_log=False,
         timeout_graceful_shutdown=_CONNECTION_CLOSE_SECS,
         server_header=False,
+        # uvicorn believes X-Forwarded-For from loopback by default; we believe no proxy unless told.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
     server = GracefulServer(
         config,

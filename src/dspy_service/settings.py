@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     metrics_public: bool = False
     rate_limit: str = ""  # e.g. "100/minute"; empty: no rate limit
+    # Proxies whose X-Forwarded-For/-Proto are believed (comma-separated addresses or networks, "*"
+    # for any). Empty, the default: no proxy is trusted, and the client is the connection's peer.
+    forwarded_allow_ips: str = ""
     max_input_chars: int = Field(default=100_000, ge=1)
     body_read_timeout_secs: float = Field(default=10, gt=0)
 

@@ -94,12 +94,12 @@ def test_a_provider_failure_is_that_items_error(shared_service: ServiceProcess, 
     """A provider refusing one item's call fails that item only; cache hits in the batch still answer."""
     cached = unique("cached")
     batch(shared_service, [{"model": "gpt-4", "input": cached}])
-    sim.configure(error_rate=1.0, error_status=400)
+    sim.configure(error_rate=1.0, error_status=400, error_code="context_length_exceeded")
     body = batch(shared_service, [{"model": "gpt-4", "input": cached}, {"model": "gpt-4", "input": unique()}])
     first, second = body["results"]
     assert first["status"] == 200
     assert first["metadata"]["cache_level"] == "memory"
-    assert second["status"] == 422
+    assert second["status"] == 422  # the input is too long: the client's to fix
     assert second["error"]["type"] == "invalid_request"
 
 

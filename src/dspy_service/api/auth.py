@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dspy_service.api.limits import address_identity, refuse_if_limited
 from dspy_service.api.responses import send_error
 from dspy_service.api_keys import Keyring
 from dspy_service.errors import Unauthorized
 from dspy_service.metrics import Metrics
+from dspy_service.ratelimit import RateLimiter
 
 PROBE_PATHS = frozenset({"/health", "/ready"})
 
@@ -34,9 +36,18 @@ def bearer_token(scope: Scope) -> bytes:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, keyring: Keyring, metrics: Metrics, metrics_public: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keyring: Keyring,
+        metrics: Metrics,
+        metrics_public: bool,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.app = app
         self.keyring = keyring
+        self.limiter = limiter  # counts refused requests per client address (RATE_LIMIT)
         self.metrics = metrics
         self.open_paths = PROBE_PATHS | {"/metrics"} if metrics_public else PROBE_PATHS
 
@@ -49,6 +60,11 @@ class AuthMiddleware:
         state = scope.setdefault("state", {})
         log_fields = state.get("log")
         if key is None:
+            limiter = self.limiter
+            if limiter is not None and await refuse_if_limited(
+                limiter, self.metrics, address_identity(scope, "unauthenticated"), send, state
+            ):
+                return  # guessing keys is limited like calling with one
             self.metrics.count_error("unauthorized")
             if log_fields is not None:
                 log_fields["auth"] = "invalid_key" if presented else "missing_key"

@@ -18,10 +18,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dspy_service.api.deps import services_of
+from dspy_service.api.limits import client_identity
 from dspy_service.api.responses import JSONResponse, error_body
 from dspy_service.api.routes import prediction_body, prediction_input
 from dspy_service.api.schemas import BatchRequest, PredictRequest, describe_validation_error
-from dspy_service.errors import InvalidRequest, ServiceError
+from dspy_service.errors import InvalidRequest, RateLimited, ServiceError
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
 from dspy_service.predictor import Predictor
@@ -43,6 +44,16 @@ async def predict_batch(request: Request) -> Response:
             f"got {len(items)}"
         )
     state = request.scope["state"]
+    limiter = services.rate_limiter
+    if limiter is not None and len(items) > 1:  # the middleware counted the batch as one request
+        retry_after = await limiter.hit(client_identity(request.scope), len(items) - 1)
+        if retry_after is not None:
+            services.metrics.count_error("rate_limited")
+            raise RateLimited(
+                f"a batch of {len(items)} counts as {len(items)} requests: more than {limiter.limit} "
+                f"requests in {limiter.period} s; slow down",
+                retry_after=retry_after,
+            )
     batch_id: str = state["request_id"]
     limit = asyncio.Semaphore(settings.batch_concurrency)
     scope = _ItemScope(state.get("tenant"), {"max_input_chars": settings.max_input_chars})

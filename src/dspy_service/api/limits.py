@@ -2,7 +2,9 @@
 
 `RateLimitMiddleware` counts requests to the prediction routes (`/v1/predict...`), never probes, per
 tenant or API key (per client address when authentication is off); over the limit: 429
-`rate_limited` with `Retry-After`, before the body is read.
+`rate_limited` with `Retry-After`, before the body is read. A batch counts as many requests as it has
+items (the endpoint counts the rest once it has read them), and requests refused with 401 are
+counted per client address (auth.py), so guessing keys is rate-limited too.
 
 `BodyReadTimeoutMiddleware` gives the whole request body BODY_READ_TIMEOUT_SECS to arrive; a client
 trickling it slower gets 408 `request_timeout` and the connection is closed. (uvicorn times out idle
@@ -12,6 +14,7 @@ connections, not a body that keeps arriving byte by byte.)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,15 +27,43 @@ from dspy_service.ratelimit import RateLimiter
 LIMITED_PREFIX = "/v1/predict"  # /v1/predict and the routes under it (batch, stream)
 
 
+_MAX_IDENTITY_CHARS = 80  # longer identities (a long address, say) are counted under their hash
+
+
 def client_identity(scope: Scope) -> str:
-    """Whom a request is counted against: its tenant, else its API key, else its client address."""
+    """Whom a request is counted against: its tenant, else its API key, else its client address
+    (the peer's, or the one a trusted proxy forwarded: FORWARDED_ALLOW_IPS)."""
     state = scope.get("state") or {}
     if (tenant := state.get("tenant")) is not None:
         return f"tenant:{tenant}"
     if (key_id := state.get("api_key_id")) is not None:
         return f"key:{key_id}"
+    return address_identity(scope)
+
+
+def address_identity(scope: Scope, kind: str = "addr") -> str:
     client = scope.get("client")
-    return f"addr:{client[0] if client else 'unknown'}"
+    identity = f"{kind}:{client[0] if client else 'unknown'}"
+    if len(identity) > _MAX_IDENTITY_CHARS:
+        identity = f"{kind}:sha256:{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+    return identity
+
+
+async def refuse_if_limited(
+    limiter: RateLimiter, metrics: Metrics, identity: str, send: Send, state: dict[str, Any], weight: int = 1
+) -> bool:
+    """Count `weight` requests of `identity`; over the limit, answer 429 and say True."""
+    retry_after = await limiter.hit(identity, weight)
+    if retry_after is None:
+        return False
+    metrics.count_error("rate_limited")
+    if (log_fields := state.get("log")) is not None:
+        log_fields["rate_limited"] = True
+    refusal = RateLimited(
+        f"more than {limiter.limit} requests in {limiter.period} s; slow down", retry_after=retry_after
+    )
+    await send_error(send, refusal, state.get("request_id"))
+    return True
 
 
 class RateLimitMiddleware:
@@ -43,17 +74,8 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(LIMITED_PREFIX):
-            retry_after = await self.limiter.hit(client_identity(scope))
-            if retry_after is not None:
-                self.metrics.count_error("rate_limited")
-                state = scope.setdefault("state", {})
-                if (log_fields := state.get("log")) is not None:
-                    log_fields["rate_limited"] = True
-                refusal = RateLimited(
-                    f"more than {self.limiter.limit} requests in {self.limiter.period} s; slow down",
-                    retry_after=retry_after,
-                )
-                await send_error(send, refusal, state.get("request_id"))
+            state = scope.setdefault("state", {})
+            if await refuse_if_limited(self.limiter, self.metrics, client_identity(scope), send, state):
                 return
         await self.app(scope, receive, send)
 
