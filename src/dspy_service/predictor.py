@@ -130,7 +130,11 @@ class Predictor:
         tracing: Tracing | None = None,
         cache_namespace: str = "",
         tenant_scoped_cache: bool = False,
+        stream_idle_secs: float | None = None,
+        stream_max_secs: float | None = None,
     ) -> None:
+        self._stream_idle = stream_idle_secs or request_timeout_secs  # longest pause between chunks
+        self._stream_max = stream_max_secs or request_timeout_secs  # longest stream in all
         self._cache_namespace = cache_namespace  # deployment, provider, DSPy version (cache.py)
         self._tenant_scoped_cache = tenant_scoped_cache  # CACHE_SCOPE=tenant
         self._threads = threads  # runs programs that have only a synchronous forward
@@ -270,8 +274,19 @@ class Predictor:
             sink = _ChunkQueue()
             task = self._start_upstream(key, route, sink)
             task.add_done_callback(lambda _: sink.queue.put_nowait(None))
+            idle = self._stream_idle
             try:
-                while (chunk := await sink.queue.get()) is not None:
+                while True:
+                    # A stream may run past the request deadline while text keeps coming
+                    # (STREAM_MAX_SECS caps it); a pause longer than STREAM_IDLE_TIMEOUT_SECS ends it.
+                    try:
+                        async with asyncio.timeout(idle):
+                            chunk = await sink.queue.get()
+                    except TimeoutError:
+                        task.cancel()
+                        raise ProviderTimeout(f"the provider sent nothing for {idle:g} s") from None
+                    if chunk is None:
+                        break
                     yield chunk
                 answer, usage = task.result()
             finally:
@@ -385,15 +400,15 @@ class Predictor:
         self, key: str | None, route: Route, sink: _ChunkQueue | None
     ) -> tuple[CachedAnswer, _Spent]:
         spent = _Spend({})
-        deadline_at = time.monotonic() + self._deadline
+        limit = self._deadline if sink is None else self._stream_max
+        deadline_at = time.monotonic() + limit
         try:
-            async with asyncio.timeout(self._deadline):
+            async with asyncio.timeout(limit):
                 run, model_served = await self._run_with_fallbacks(route, spent, deadline_at, sink)
         except TimeoutError:
             self._account(route, spent)
-            raise ProviderTimeout(
-                f"no answer from the provider within the {self._deadline:g} s deadline"
-            ) from None
+            what = "deadline (REQUEST_TIMEOUT_SECS)" if sink is None else "cap on a stream (STREAM_MAX_SECS)"
+            raise ProviderTimeout(f"no complete answer within the request's {limit:g} s {what}") from None
         except (ServiceError, asyncio.CancelledError):
             self._account(route, spent)
             raise
@@ -630,7 +645,9 @@ class Predictor:
                 for breaker in breakers:
                     if breaker is not failed_breaker or failure.kind not in _BREAKER_FAILURES:
                         breaker.record_neutral()
-                if failure.kind in _UNMETERED_FAILURES and failure.connected:
+                if (failure.kind in _UNMETERED_FAILURES and failure.connected) or (
+                    failure.kind == "server" and failure.status is None  # an error event mid-stream
+                ):
                     self._unmetered(failed, spent)  # sent, and the answer lost: the provider may bill it
                 if failure.kind not in _BREAKER_FAILURES:
                     raise self._client_facing(failed, route, failure) from None

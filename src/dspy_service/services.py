@@ -316,6 +316,8 @@ def build_services(
             dspy_version=dspy_version(),
         ),
         tenant_scoped_cache=settings.effective_cache_scope == "tenant",
+        stream_idle_secs=settings.stream_idle_timeout_secs,
+        stream_max_secs=max(settings.stream_max_secs, settings.request_timeout_secs),
     )
     return Services(
         settings=settings,

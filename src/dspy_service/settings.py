@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     models_config: Path = DEFAULT_MODELS_CONFIG
 
     request_timeout_secs: float = Field(default=30, gt=0)
+    # A stream may outlive REQUEST_TIMEOUT_SECS while text keeps coming: it ends after a pause of
+    # STREAM_IDLE_TIMEOUT_SECS (default: REQUEST_TIMEOUT_SECS) or at STREAM_MAX_SECS in all.
+    stream_idle_timeout_secs: float | None = Field(default=None, gt=0)
+    stream_max_secs: float = Field(default=300, gt=0)
     max_in_flight: int = Field(default=256, ge=1)
     # Threads that run programs with only a synchronous forward (a request's thread cannot be stopped
     # at its deadline: it keeps counting against MAX_IN_FLIGHT until it returns).

@@ -78,6 +78,10 @@ class Knobs:
     fail_next: int = 0
     stream_chunk_ms: float = 1.0  # pause between streamed chunks
     stream_break_after: int | None = None  # cut streams off (connection dropped) after this many chunks
+    # send an error event inside the stream after this many chunks, as OpenAI and gateways do when
+    # their upstream connection drops (`data: {"error": ...}`), then end the stream
+    stream_error_after: int | None = None
+    stream_hang_after: int | None = None  # stop sending (the connection stays open) after this many
     answer_pad_chars: int = 0  # make every text answer this many characters longer (large answers)
     error_code: str | None = None  # the `code` of injected errors' bodies (context_length_exceeded ...)
 
@@ -639,8 +643,15 @@ class Simulator:
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
             for sent, piece in enumerate(re.findall(r"\S+\s*", content)):
-                if self.knobs.stream_break_after is not None and sent >= self.knobs.stream_break_after:
+                knobs = self.knobs
+                if knobs.stream_break_after is not None and sent >= knobs.stream_break_after:
                     raise ConnectionAbortedError("simulated stream cut off")  # uvicorn drops the connection
+                if knobs.stream_error_after is not None and sent >= knobs.stream_error_after:
+                    error = {"message": "upstream connection dropped", "type": "server_error", "code": None}
+                    yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+                    return
+                if knobs.stream_hang_after is not None and sent >= knobs.stream_hang_after:
+                    await asyncio.sleep(_HANG_SECONDS)
                 yield chunk({"content": piece}, None)
                 await asyncio.sleep(self.knobs.stream_chunk_ms / 1000)
             finished = True

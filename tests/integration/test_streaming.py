@@ -5,13 +5,16 @@ that hangs up mid-stream."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
+from tests.integration.conftest import ServiceFactory
 from tests.support.processes import ServiceProcess, Simulator, wait_until
 
 PREDICT_FIELDS = {"request_id", "model", "model_served", "variant", "output", "outputs", "metadata"}
@@ -246,3 +249,85 @@ def test_a_client_that_hangs_up_frees_the_upstream_call(
     sim.configure(stream_chunk_ms=1)
     again = shared_service.http.post("/v1/predict", json=body).json()
     assert again["metadata"]["cache_level"] is None
+
+
+def test_a_stream_that_keeps_producing_outlives_the_request_deadline(
+    service_factory: ServiceFactory, sim: Simulator
+) -> None:
+    """A stream whose text keeps coming runs past REQUEST_TIMEOUT_SECS (capped by STREAM_MAX_SECS):
+    only a pause longer than STREAM_IDLE_TIMEOUT_SECS ends it."""
+    service = service_factory(REQUEST_TIMEOUT_SECS="1", STREAM_IDLE_TIMEOUT_SECS="1")
+    sim.configure(stream_chunk_ms=150)  # a CoT answer of ~40 words: about 6 s in all
+    body = {"model": "gpt-4", "variant": "cot", "input": unique("Take your time")}
+    started = time.monotonic()
+    response, events = stream(service, body)
+    took = time.monotonic() - started
+    print(f"a 150 ms/chunk stream with a 1 s deadline: {took:.1f} s, ended with {events[-1][0]}")
+    assert response.status_code == 200
+    assert events[-1][0] == "result"
+    assert took > 1.5
+
+
+def test_a_stream_that_stops_mid_answer_ends_at_the_idle_timeout(
+    service_factory: ServiceFactory, sim: Simulator
+) -> None:
+    """A provider that stops sending mid-stream: the stream ends with a provider_timeout error event
+    after STREAM_IDLE_TIMEOUT_SECS (not at the model's read timeout as a transport failure), and the
+    cut-off call is counted as unmetered."""
+    service = service_factory(REQUEST_TIMEOUT_SECS="30", STREAM_IDLE_TIMEOUT_SECS="1")
+
+    def unmetered() -> int:
+        return int((service.http.get("/costs").json().get("gpt-4:cot") or {}).get("unmetered_calls", 0))
+
+    before = unmetered()
+    sim.configure(stream_hang_after=8)
+    body = {"model": "gpt-4", "variant": "cot", "input": unique("Stop halfway")}
+    started = time.monotonic()
+    _, events = stream(service, body)
+    took = time.monotonic() - started
+    print(f"a stream that hangs mid-answer: {events[-1]} after {took:.1f} s")
+    assert events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "provider_timeout"
+    assert took < 5
+    wait_until(lambda: unmetered() == before + 1, timeout=5, what="the cut-off call in /costs")
+
+
+def test_a_hung_stream_past_the_models_timeout_is_a_504(
+    service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
+) -> None:
+    """The model's own read timeout on a stream that hangs before its first text is a timeout (504
+    `provider_timeout`), as on /v1/predict, not a 502 transport failure."""
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n  quick: {name: openai/gpt-4, request_timeout_secs: 1, max_retries: 0}\n"
+        "variants:\n  baseline: {signature: 'question -> answer'}\n",
+        encoding="utf-8",
+    )
+    service = service_factory(MODELS_CONFIG=str(models), REQUEST_TIMEOUT_SECS="20")
+    sim.configure(stream_hang_after=1)
+    started = time.monotonic()
+    with service.http.stream(
+        "POST", "/v1/predict/stream", json={"model": "quick", "input": unique("hang")}
+    ) as response:
+        response.read()
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "provider_timeout"
+    assert time.monotonic() - started < 5
+
+
+def test_an_error_event_inside_a_stream_is_a_provider_failure(
+    service_factory: ServiceFactory, sim: Simulator
+) -> None:
+    """`data: {"error": ...}` mid-stream (a gateway whose upstream dropped) is a server failure: 502
+    before any text, counted against the breaker, its spend unmetered, the provider's text in the log only."""
+    service = service_factory()
+    sim.configure(stream_error_after=1)
+    with service.http.stream(
+        "POST", "/v1/predict/stream", json={"model": "gpt-4", "input": unique("dropped")}
+    ) as response:
+        response.read()
+    assert response.status_code == 502, response.text
+    assert "upstream connection dropped" not in response.text
+    logged = [line for line in service.log_lines() if line.get("event") == "prediction.upstream_failed"]
+    assert logged[-1]["kind"] == "server"
+    assert "upstream connection dropped" in logged[-1]["detail"]

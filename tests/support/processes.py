@@ -175,6 +175,8 @@ class Simulator:
             stream_break_after=None,
             answer_pad_chars=0,
             error_code=None,
+            stream_error_after=None,
+            stream_hang_after=None,
         )
         self.http.post("/_sim/reset").raise_for_status()
 

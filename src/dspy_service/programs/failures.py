@@ -76,20 +76,31 @@ def usage_totals(tracker: Any) -> UsageByModel:
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and what it was raised from (DSPy wraps lm15's transport errors), nearest first."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return
-        yield seen
-        seen = seen.__cause__ or seen.__context__
+    """The exception and what it was raised from (DSPy wraps lm15's transport errors), nearest
+    first, into the members of exception groups too: a streamed call's timeout reaches us as the
+    context of the error its task group re-raised."""
+    queue: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while queue and len(seen) < 16:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        queue.extend(getattr(current, "exceptions", ()))
+        nearer = current.__cause__ or current.__context__
+        if nearer is not None:
+            queue.append(nearer)
 
 
 def _caused_by_timeout(exc: BaseException) -> bool:
-    """DSPy reports a read timeout as a transport error; the cause chain says it was a timeout."""
+    """DSPy reports a read timeout as a transport error; the cause chain says it was a timeout. A
+    streamed call's loses its chain (its task group re-raises the error without it), and only
+    lm15's message says so: "read timed out mid-body", the wording lm15's contract pins."""
     return any(
         isinstance(seen, TimeoutError)
         or type(seen).__name__ in ("ReadTimeout", "WriteTimeout", "ConnectTimeout")
+        or (isinstance(seen, LMTransportError) and "timed out" in str(seen))
         for seen in _causes(exc)
     )
 
