@@ -77,7 +77,9 @@ def create_app(services: Services) -> Starlette:
             RequestContextMiddleware,
             max_body_bytes=settings.max_body_bytes,
             metrics=services.metrics,
-            access_log=AccessLog(level=settings.log_level, fmt=settings.log_format),
+            access_log=AccessLog(
+                level=settings.log_level, fmt=settings.log_format, sample_rate=settings.access_log_sample_rate
+            ),
         ),
         Middleware(
             BodyReadTimeoutMiddleware, timeout_secs=settings.body_read_timeout_secs, metrics=services.metrics

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ class Budgets:
 
     def _send_soon(self) -> None:
         if self._link is not None:
-            task = asyncio.get_running_loop().create_task(self.flush())
+            task = asyncio.get_running_loop().create_task(self.flush(), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -7,6 +7,7 @@ level fails open: while Redis is down or slow the cache is the memory level alon
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -180,7 +181,7 @@ class RedisCache:
 
     def _send_batch(self) -> None:
         batch, self._waiting = self._waiting, []
-        task = asyncio.get_running_loop().create_task(self._fetch(batch))
+        task = asyncio.get_running_loop().create_task(self._fetch(batch), context=contextvars.Context())
         self._tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(self._tasks.discard)
 

@@ -18,6 +18,7 @@ process, not per fleet.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import Callable
@@ -85,7 +86,7 @@ class RateLimiter:
 
     def _send_batch(self) -> None:
         batch, self._waiting = self._waiting, []
-        task = asyncio.get_running_loop().create_task(self._count_batch(batch))
+        task = asyncio.get_running_loop().create_task(self._count_batch(batch), context=contextvars.Context())
         self._tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(self._tasks.discard)
 

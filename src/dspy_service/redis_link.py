@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -160,7 +161,11 @@ class RedisLink:
     def _ensure_probe(self) -> None:
         if self._closed or (self._probe_task is not None and not self._probe_task.done()):
             return
-        self._probe_task = asyncio.get_running_loop().create_task(self._probe(), name="redis-probe")
+        self._probe_task = asyncio.get_running_loop().create_task(
+            self._probe(),
+            name="redis-probe",
+            context=contextvars.Context(),  # not the request that met it
+        )
 
     async def _probe(self) -> None:
         delay = self._probe_min

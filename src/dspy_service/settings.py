@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     log_level: LogLevel = "info"
     log_format: Literal["json", "text"] = "json"
+    # Share of successful requests whose access-log line is written (errors always are); 1: all.
+    access_log_sample_rate: float = Field(default=1.0, ge=0, le=1)
 
     redis_url: SecretStr = SecretStr("redis://localhost:6379")
     redis_required: bool = False
