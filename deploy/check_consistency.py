@@ -10,7 +10,8 @@ Run by deploy/check-artefacts.sh with the tools virtualenv (it needs PyYAML and 
 - every alert in alerts.yml has a unit test where it fires and one where it stays silent;
 - kustomization.yaml lists every manifest in k8s/ and only files that exist;
 - the HPA's Pods metric is the name the adapter rule serves;
-- terminationGracePeriodSeconds covers the preStop sleep plus SHUTDOWN_GRACE_SECS;
+- terminationGracePeriodSeconds covers the preStop sleep plus SHUTDOWN_GRACE_SECS, and
+  SHUTDOWN_GRACE_SECS is at least REQUEST_TIMEOUT_SECS;
 - MODELS_CONFIG points into the mounted models ConfigMap, whose models.yaml parses.
 """
 
@@ -157,7 +158,7 @@ def check_kubernetes(problems: Problems) -> list[tuple[str, str]]:
             continue
         env.update(configmaps[name]["data"])
 
-    grace = float(env.get("SHUTDOWN_GRACE_SECS", "20"))
+    grace = float(env.get("SHUTDOWN_GRACE_SECS", "35"))
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     sleep_secs = float(pre_stop[-1]) if pre_stop[0].endswith("sleep") else 0.0
     period = pod["terminationGracePeriodSeconds"]
@@ -165,6 +166,13 @@ def check_kubernetes(problems: Problems) -> list[tuple[str, str]]:
         problems.add(
             f"terminationGracePeriodSeconds {period} < preStop {sleep_secs:g}s + SHUTDOWN_GRACE_SECS "
             f"{grace:g}s + {SHUTDOWN_MARGIN_SECS}s margin"
+        )
+
+    deadline = float(env.get("REQUEST_TIMEOUT_SECS", "30"))
+    if grace < deadline:
+        problems.add(
+            f"SHUTDOWN_GRACE_SECS {grace:g}s < REQUEST_TIMEOUT_SECS {deadline:g}s: a request in flight at "
+            "SIGTERM could be cut off"
         )
 
     models_path = Path(env.get("MODELS_CONFIG", ""))

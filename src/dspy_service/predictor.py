@@ -152,12 +152,23 @@ class Predictor:
         self._max_in_flight = max_in_flight
         self._upstream: dict[str, asyncio.Task[tuple[CachedAnswer, _Spent]]] = {}
         self._upstream_count = 0
+        self._tasks: set[asyncio.Task[tuple[CachedAnswer, _Spent]]] = set()  # every upstream call running
         self._random = random.Random()
         self._assigner = build_assigner(config.ab_testing_enabled, config.ab_weights)
 
     @property
     def upstream_in_flight(self) -> int:
         return self._upstream_count
+
+    async def cancel_upstream(self) -> int:
+        """Cancel the upstream calls still running (shutdown, after the grace period) and wait for
+        them: each accounts what it spent (its cut-off call as unmetered) before the last flush."""
+        running = [task for task in self._tasks if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        return len(running)
 
     def replace_programs(
         self, config: ModelsConfig, programs: dict[str, LoadedProgram], lms: LanguageModels
@@ -385,6 +396,7 @@ class Predictor:
             raise Overloaded(f"{in_flight} predictions in flight; try again shortly", retry_after=1)
         task = asyncio.get_running_loop().create_task(self._produce(key, route, sink))
         self._upstream_count += 1
+        self._tasks.add(task)
         task.add_done_callback(self._upstream_done)
         if key is not None and sink is None:
             self._upstream[key] = task
@@ -393,6 +405,7 @@ class Predictor:
 
     def _upstream_done(self, task: asyncio.Task[Any]) -> None:
         self._upstream_count -= 1
+        self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # mark retrieved; waiters have re-raised it where it mattered
 

@@ -117,6 +117,9 @@ class Services:
         )
 
     async def stop(self) -> None:
+        cancelled = await self.predictor.cancel_upstream()  # their spend is counted before the flush
+        if cancelled:
+            _log.warning("service.upstream_cancelled", calls=cancelled, detail="cut off by shutdown")
         if self.threads is not None and self.threads.abandoned:
             # the drain waited for them within the grace period; this is the last word on them
             with contextlib.suppress(TimeoutError):

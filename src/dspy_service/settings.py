@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     # Colon-separated directories searched for `module:` import paths before installed packages;
     # empty: the models file's directory.
     programs_path: str = ""
-    shutdown_grace_secs: float = Field(default=20, ge=0)
+    # At least REQUEST_TIMEOUT_SECS, so that a request in flight at SIGTERM can finish.
+    shutdown_grace_secs: float = Field(default=35, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=256)
     costs_flush_interval_secs: float = Field(default=1.0, gt=0)
     cors_allow_origins: str = ""

@@ -341,6 +341,40 @@ def test_sigterm_lets_in_flight_requests_finish(service_factory: ServiceFactory,
     assert "service.stopped" in events
 
 
+def test_a_request_cut_off_by_shutdown_gets_a_json_error_and_its_spend_is_counted(
+    service_factory: ServiceFactory, sim: Simulator, redis_server: RedisServer
+) -> None:
+    """A request still running when the grace period ends: the client gets `503 shutting_down` as
+    JSON (not a plain-text 500), and its cut-off provider call reaches the fleet's totals before the
+    process exits (it never did)."""
+    def unmetered_in_redis() -> int:
+        raw = redis_server.command("HGET", "dspy-service:v1:costs:gpt-4:baseline", "unmetered_calls")
+        return int(raw.split(b"\r\n")[1]) if raw.startswith(b"$") and not raw.startswith(b"$-1") else 0
+
+    before = unmetered_in_redis()
+    service = service_factory(SHUTDOWN_GRACE_SECS="0.5", REQUEST_TIMEOUT_SECS="60")
+    sim.configure(latency_ms=20_000)
+    name = f"cut-{uuid.uuid4().hex[:8]}"
+    answers: list[httpx.Response] = []
+
+    def one() -> None:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            answers.append(client.post("/v1/predict", json={"model": "gpt-4", "input": name}))
+
+    thread = threading.Thread(target=one)
+    thread.start()
+    wait_until(lambda: metric(service, "dspy_active_predictions") == 1, timeout=10, what="1 in flight")
+    service.signal(signal.SIGTERM)
+    thread.join(timeout=30)
+    assert service.wait(timeout=30) == 0
+    [answer] = answers
+    print(f"\ncut off by shutdown: {answer.status_code} {answer.text[:100]}")
+    assert answer.status_code == 503
+    assert answer.json()["error"]["type"] == "shutting_down"
+    assert answer.json()["error"]["request_id"] == answer.headers["x-request-id"]
+    assert unmetered_in_redis() == before + 1
+
+
 def test_fallback_answers_when_the_primary_is_down(
     service_factory: ServiceFactory, sim: Simulator, tmp_path: Path
 ) -> None:

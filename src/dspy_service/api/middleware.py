@@ -8,6 +8,8 @@ echoed in the `X-Request-ID` response header and bound to every log line of the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import time
@@ -17,6 +19,8 @@ import orjson
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dspy_service.api.responses import send_error
+from dspy_service.errors import ShuttingDown
 from dspy_service.logs import AccessLog
 from dspy_service.metrics import Metrics
 
@@ -69,9 +73,12 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 500
 
+        response_started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 status = message["status"]
                 message["headers"] = [
                     *message.get("headers", ()),
@@ -98,6 +105,25 @@ class RequestContextMiddleware:
                 await self.app(scope, limited_receive, send_with_id)
             except BodyTooLarge:
                 await self._refuse_too_large(state, send_with_id)
+            except asyncio.CancelledError:
+                # The server is stopping and its grace period is over (a client that leaves does not
+                # cancel us): the client gets the JSON error shape, not a plain-text 500.
+                if not response_started:
+                    self.metrics.count_error("shutting_down")
+                    refusal = ShuttingDown("the service stopped before this request finished; retry it")
+                    with contextlib.suppress(Exception):
+                        await send_error(
+                            send_with_id, refusal, state["request_id"], [(b"connection", b"close")]
+                        )
+                log_fields["cut_off_by_shutdown"] = True
+                self._log_request(scope, state, log_fields, status, started)
+                raise
+        self._log_request(scope, state, log_fields, status, started)
+        structlog.contextvars.clear_contextvars()
+
+    def _log_request(
+        self, scope: Scope, state: dict[str, Any], log_fields: dict[str, Any], status: int, started: float
+    ) -> None:
         path = scope["path"]
         if status >= 400 or path not in _QUIET_PATHS:
             log_fields["method"] = scope["method"]
@@ -105,7 +131,6 @@ class RequestContextMiddleware:
             log_fields["status"] = status
             log_fields["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
             self.access_log.request_completed(state["request_id"], log_fields)
-        structlog.contextvars.clear_contextvars()
 
     async def _refuse_too_large(self, state: dict[str, Any], send: Send) -> None:
         self.metrics.count_error("payload_too_large")
