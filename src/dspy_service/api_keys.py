@@ -1,8 +1,10 @@
 """API keys: parsed from `API_KEYS` and `API_KEYS_FILE`, kept only as SHA-256 digests, checked in
 constant time.
 
-A key line is `<key> [tenant]` or `sha256:<64 hex digits> [tenant]`; `#` starts a comment. The
-plain key never leaves this module: not in errors, not in logs, not in `/config` (which shows the
+A key line is `<key> [tenant] [role:operator]` or `sha256:<64 hex digits> [tenant] [role:...]`; `#`
+starts a comment. Keys have roles: `client` (the default) sees its own tenant's `/costs` rows and
+nothing of `/config`; `operator` (ADMIN_API_KEYS, or `role:operator` in the keys file) sees everything.
+The plain key never leaves this module: not in errors, not in logs, not in `/config` (which shows the
 number of keys and the tenant names only).
 """
 
@@ -13,6 +15,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from dspy_service.errors import ConfigError
 from dspy_service.models_config import TENANT_NAME_PATTERN
@@ -23,12 +26,17 @@ TENANT_PATTERN = re.compile(TENANT_NAME_PATTERN)
 _HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
+Role = Literal["client", "operator"]
+_ROLES: tuple[Role, ...] = ("client", "operator")
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """One accepted key: its digest, the tenant it belongs to (if named), and a short public id."""
+    """One accepted key: its digest, the tenant it belongs to (if named), its role, a short public id."""
 
     digest: bytes
     tenant: str | None
+    role: Role = "client"
 
     @property
     def key_id(self) -> str:
@@ -62,25 +70,33 @@ class Keyring:
         return found
 
 
-def parse_key_line(line: str, where: str) -> ApiKey | None:
-    """One line of a keys file (or one item of API_KEYS); None for blank and comment lines."""
+def parse_key_line(line: str, where: str, role: Role = "client") -> ApiKey | None:
+    """One line of a keys file (or one item of API_KEYS / ADMIN_API_KEYS, whose `role` is given);
+    None for blank and comment lines."""
     text = line.split(" #", 1)[0].split("\t#", 1)[0].strip()
     if not text or text.startswith("#"):
         return None
     parts = text.split()
+    named = [part for part in parts[1:] if part.startswith("role:")]
+    if named:
+        wanted = named[0].removeprefix("role:")
+        if len(named) > 1 or wanted not in _ROLES:
+            raise ConfigError(f"{where}: a role is role:client or role:operator")
+        role = "operator" if wanted == "operator" else "client"
+        parts = [part for part in parts if not part.startswith("role:")]
     if len(parts) > 2:
-        raise ConfigError(f"{where}: expected '<key> [tenant]', found {len(parts)} words")
+        raise ConfigError(f"{where}: expected '<key> [tenant] [role:operator]', found {len(parts)} words")
     secret, tenant = parts[0], (parts[1] if len(parts) == 2 else None)
     if tenant is not None and not TENANT_PATTERN.match(tenant):
         raise ConfigError(f"{where}: tenant names are letters, digits and ._- (up to 64 characters)")
     hashed = _HASHED.match(secret)
     if hashed is not None:
-        return ApiKey(bytes.fromhex(hashed[1]), tenant)
+        return ApiKey(bytes.fromhex(hashed[1]), tenant, role)
     if secret.lower().startswith("sha256:"):
         raise ConfigError(f"{where}: a hashed key is 'sha256:' followed by 64 hex digits")
     if len(secret) < MIN_KEY_CHARS:
         raise ConfigError(f"{where}: keys must be at least {MIN_KEY_CHARS} characters long")
-    return ApiKey(hashlib.sha256(secret.encode()).digest(), tenant)
+    return ApiKey(hashlib.sha256(secret.encode()).digest(), tenant, role)
 
 
 def load_keyring(settings: Settings) -> Keyring | None:
@@ -88,12 +104,17 @@ def load_keyring(settings: Settings) -> Keyring | None:
 
     Problems raise ConfigError naming the source and line, never the key itself.
     """
-    if settings.api_keys is None and settings.api_keys_file is None:
+    if settings.api_keys is None and settings.api_keys_file is None and settings.admin_api_keys is None:
         return None
     keys: list[ApiKey] = []
-    if settings.api_keys is not None:
-        for number, item in enumerate(settings.api_keys.get_secret_value().split(","), start=1):
-            key = parse_key_line(item, f"API_KEYS item {number}")
+    for variable, value, role in (
+        ("API_KEYS", settings.api_keys, "client"),
+        ("ADMIN_API_KEYS", settings.admin_api_keys, "operator"),
+    ):
+        if value is None:
+            continue
+        for number, item in enumerate(value.get_secret_value().split(","), start=1):
+            key = parse_key_line(item, f"{variable} item {number}", role)  # type: ignore[arg-type]
             if key is not None:
                 keys.append(key)
     if settings.api_keys_file is not None:

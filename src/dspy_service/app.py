@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -138,3 +139,13 @@ def create_app(services: Services) -> Starlette:
     )
     app.state.services = services
     return app
+
+
+def create_metrics_app(services: Services) -> Starlette:
+    """The app of METRICS_PORT: `/metrics` alone, without API keys (the port is for the scraper,
+    and is kept off the public network by the shipped Compose and Kubernetes files)."""
+
+    async def scrape(request: Request) -> Response:
+        return Response(generate_latest(services.metrics.scrape_registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/metrics", scrape, methods=["GET"])])

@@ -141,6 +141,22 @@ _FLOAT_FIELDS = ("total_cost_usd", "cost_saved_usd")
 
 _now = utc_now_iso
 
+# A tenant's own rows, beside the fleet's per model:variant: what a client key may see of /costs.
+TENANT_ROW_PREFIX = "@"
+
+
+def tenant_row(tenant: str, name: str) -> str:
+    return f"{TENANT_ROW_PREFIX}{tenant}/{name}"
+
+
+def rows_of(totals: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+    """The /costs rows one caller may see: with `tenant`, that tenant's own rows (named
+    model:variant); without, the service-wide rows."""
+    if tenant is None:
+        return {name: row for name, row in totals.items() if not name.startswith(TENANT_ROW_PREFIX)}
+    prefix = f"{TENANT_ROW_PREFIX}{tenant}/"
+    return {name[len(prefix) :]: row for name, row in totals.items() if name.startswith(prefix)}
+
 
 class CostLedger:
     def __init__(self, link: RedisLink | None, flush_interval_secs: float) -> None:
@@ -152,10 +168,18 @@ class CostLedger:
         self._task: asyncio.Task[None] | None = None
 
     def record_miss(
-        self, model: str, variant: str, usage: Usage, unmetered_calls: int = 0, *, requests: int = 1
+        self,
+        model: str,
+        variant: str,
+        usage: Usage,
+        unmetered_calls: int = 0,
+        *,
+        requests: int = 1,
+        tenant: str | None = None,
     ) -> None:
         """A request's spend on `model` (requests=0: the spend of a model the request's program pinned
-        a predictor to, counted on that model's row; the request is counted on its own model's)."""
+        a predictor to, counted on that model's row; the request is counted on its own model's).
+        A tenant's request is counted on the tenant's own row too (`tenant_row`)."""
         delta = CostTotals(
             total_requests=requests,
             total_input_tokens=usage.input_tokens,
@@ -165,22 +189,27 @@ class CostLedger:
             unmetered_calls=unmetered_calls,
             last_updated=_now(),
         )
-        self._apply(f"{model}:{variant}", delta)
+        name = f"{model}:{variant}"
+        self._apply(name, delta)
+        if tenant is not None:
+            self._apply(tenant_row(tenant, name), delta)
 
-    def record_hit(self, name: str, saved_usd: float | None) -> None:
+    def record_hit(self, name: str, saved_usd: float | None, tenant: str | None = None) -> None:
         """A request answered without spending (`name` is "model:variant"); on the hot path, so the
         rows are updated in place rather than through a delta object."""
         now = _now()
         saved = saved_usd or 0.0
         rows = (self._local, self._pending) if self._link is not None else (self._local,)
+        names = (name,) if tenant is None else (name, tenant_row(tenant, name))
         for table in rows:
-            row = table.get(name)
-            if row is None:
-                row = table[name] = CostTotals()
-            row.total_requests += 1
-            row.cache_hits += 1
-            row.cost_saved_usd += saved
-            row.last_updated = now
+            for row_name in names:
+                row = table.get(row_name)
+                if row is None:
+                    row = table[row_name] = CostTotals()
+                row.total_requests += 1
+                row.cache_hits += 1
+                row.cost_saved_usd += saved
+                row.last_updated = now
 
     def _apply(self, name: str, delta: CostTotals) -> None:
         self._local.setdefault(name, CostTotals()).add(delta)

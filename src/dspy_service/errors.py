@@ -61,6 +61,11 @@ class Unauthorized(ServiceError):
     status = 401
 
 
+class Forbidden(ServiceError):
+    type = "forbidden"
+    status = 403
+
+
 class RequestTimeout(ServiceError):
     type = "request_timeout"
     status = 408

@@ -327,7 +327,7 @@ class Predictor:
         metrics.duration_none.observe(latency)
         if coalesced:
             # Another request's upstream call answered this one: it spent nothing of its own.
-            self._ledger.record_hit(metrics.ledger_name, answer.cost_usd)
+            self._ledger.record_hit(metrics.ledger_name, answer.cost_usd, request.tenant)
             if answer.cost_usd:
                 metrics.saved.inc(answer.cost_usd)
             return Prediction(
@@ -367,7 +367,7 @@ class Predictor:
         (metrics.duration_memory if level == "memory" else metrics.duration_redis).observe(latency)
         if hit.cost_usd:
             metrics.saved.inc(hit.cost_usd)
-        self._ledger.record_hit(metrics.ledger_name, hit.cost_usd)
+        self._ledger.record_hit(metrics.ledger_name, hit.cost_usd, request.tenant)
         return Prediction(
             model=request.model,
             model_served=hit.model_served,
@@ -459,11 +459,11 @@ class Predictor:
         if spent.tokens or spent.unmetered_calls or spent.running_on or answered:
             own = by_model.get(model)
             own_usage = Usage(own.input_tokens, own.output_tokens, own.cost_usd) if own else Usage(0, 0, 0.0)
-            self._ledger.record_miss(model, variant, own_usage, spent.unmetered_calls)
+            self._ledger.record_miss(model, variant, own_usage, spent.unmetered_calls, tenant=route.tenant)
         for name, share in by_model.items():
             if name != model:
                 share_usage = Usage(share.input_tokens, share.output_tokens, share.cost_usd)
-                self._ledger.record_miss(name, variant, share_usage, requests=0)
+                self._ledger.record_miss(name, variant, share_usage, requests=0, tenant=route.tenant)
         return _Spent(total=usage, by_model=by_model)
 
     def _priced_by_model(self, route: Route, tokens: UsageByModel) -> dict[str, float]:
@@ -510,7 +510,7 @@ class Predictor:
         _log.info("prediction.late_usage", variant=route.program.variant, models=sorted(tokens))
         for name, share in self._charge(route, tokens).items():
             usage = Usage(share.input_tokens, share.output_tokens, share.cost_usd)
-            self._ledger.record_miss(name, route.program.variant, usage, requests=0)
+            self._ledger.record_miss(name, route.program.variant, usage, requests=0, tenant=route.tenant)
 
     async def _run_with_fallbacks(
         self,

@@ -24,7 +24,7 @@ from dspy_service.logs import configure_logging, get_logger
 
 if TYPE_CHECKING:
     from dspy_service.models_config import ModelsConfig
-    from dspy_service.services import Lifecycle
+    from dspy_service.services import Lifecycle, Services
     from dspy_service.settings import Settings
 
 _log = get_logger("dspy_service.serving")
@@ -252,10 +252,35 @@ async def serve(
     simulator_task = None
     if simulator_server is not None:
         simulator_task = asyncio.create_task(simulator_server.serve())
+    metrics_server, metrics_task = _start_metrics_server(settings, services)
     try:
         await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         if simulator_server is not None and simulator_task is not None:
             simulator_server.should_exit = True
             await simulator_task
+        if metrics_server is not None and metrics_task is not None:
+            metrics_server.should_exit = True
+            await metrics_task
     return 0 if server.started else 1
+
+
+def _start_metrics_server(
+    settings: Settings, services: Services
+) -> tuple[uvicorn.Server | None, asyncio.Task[None] | None]:
+    """With METRICS_PORT, /metrics on a port of its own (SO_REUSEPORT, so every worker of a
+    WORKERS>1 service can listen on it; their samples are the same multiprocess files)."""
+    if not settings.metrics_port:
+        return None, None
+    from dspy_service.app import create_metrics_app
+
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.bind((settings.host, settings.metrics_port))
+    listener.listen(64)
+    server = _EmbeddedServer(
+        uvicorn.Config(create_metrics_app(services), log_config=None, access_log=False, lifespan="off")
+    )
+    return server, asyncio.create_task(server.serve(sockets=[listener]))

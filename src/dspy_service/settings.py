@@ -84,6 +84,12 @@ class Settings(BaseSettings):
 
     api_keys: SecretStr | None = None  # comma-separated keys (or sha256:<hex>), optional tenant after a space
     api_keys_file: Path | None = None
+    # Operator keys (`<key> [tenant]`, comma-separated): they see all of /costs, /config, /metrics
+    # and /v1/experiments; client keys see their own tenant's /costs rows only.
+    admin_api_keys: SecretStr | None = None
+    # Serve /metrics on this port of its own (no key needed there; keep it off the public network),
+    # and not on PORT. 0: on PORT, with the rules of METRICS_PUBLIC.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_public: bool = False
     rate_limit: str = ""  # e.g. "100/minute"; empty: no rate limit
     # Proxies whose X-Forwarded-For/-Proto are believed (comma-separated addresses or networks, "*"
@@ -100,7 +106,7 @@ class Settings(BaseSettings):
     otel_service_name: str | None = None  # default "dspy-service"
     otel_sdk_disabled: bool = False
 
-    @field_validator("openai_api_key", "api_keys", "api_keys_file", mode="before")
+    @field_validator("openai_api_key", "api_keys", "api_keys_file", "admin_api_keys", mode="before")
     @classmethod
     def _blank_key_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -152,7 +158,8 @@ class Settings(BaseSettings):
     def effective_cache_scope(self) -> Literal["tenant", "global"]:
         if self.cache_scope is not None:
             return self.cache_scope
-        return "tenant" if self.api_keys is not None or self.api_keys_file is not None else "global"
+        keys = (self.api_keys, self.api_keys_file, self.admin_api_keys)
+        return "tenant" if any(source is not None for source in keys) else "global"
 
     @property
     def program_dirs(self) -> tuple[Path, ...]:
@@ -207,6 +214,7 @@ class Settings(BaseSettings):
         view["models_config"] = str(self.models_config)
         view["cache_scope"] = self.effective_cache_scope
         view["api_keys"] = "***" if self.api_keys is not None else None
+        view["admin_api_keys"] = "***" if self.admin_api_keys is not None else None
         view["api_keys_file"] = str(self.api_keys_file) if self.api_keys_file is not None else None
         for name in ("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
             if (url := getattr(self, name)) is not None:

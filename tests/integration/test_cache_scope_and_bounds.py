@@ -18,6 +18,7 @@ from tests.support.processes import ServiceProcess, Simulator
 KEY_A = "sk-tenant-a-0123456789abcdef"
 KEY_B = "sk-tenant-b-0123456789abcdef"
 TENANT_KEYS = f"{KEY_A} alpha,{KEY_B} beta"
+KEY_OPS = "sk-operator-0123456789abcdef"
 
 
 def ask(service: ServiceProcess, key: str | None, question: str, **extra: Any) -> httpx.Response:
@@ -63,11 +64,11 @@ def test_cache_scope_global_shares_answers_across_tenants(
     service_factory: ServiceFactory, sim: Simulator
 ) -> None:
     """CACHE_SCOPE=global is the documented opt-in: every tenant shares the cache."""
-    service = service_factory(API_KEYS=TENANT_KEYS, CACHE_SCOPE="global")
+    service = service_factory(API_KEYS=TENANT_KEYS, CACHE_SCOPE="global", ADMIN_API_KEYS=KEY_OPS)
     question = f"Shared? {uuid.uuid4().hex}"
     assert ask(service, KEY_A, question).json()["metadata"]["cache_level"] is None
     assert ask(service, KEY_B, question).json()["metadata"]["cache_level"] == "memory"
-    assert service.http.get("/config", headers={"Authorization": f"Bearer {KEY_A}"}).json()["service"][
+    assert service.http.get("/config", headers={"Authorization": f"Bearer {KEY_OPS}"}).json()["service"][
         "cache_scope"
     ] == ("global")
 

@@ -158,11 +158,11 @@ def test_experiments_report_counts_what_each_variant_served(
     paid = [ask(service, input=question, variant="cot")]
     paid += [ask(service, input=f"{question} {i}", variant="cot") for i in range(2)]
     hits = [ask(service, input=question, variant="cot") for _ in range(3)]
-    sim.configure(error_rate=1.0, error_status=400)
+    sim.configure(error_rate=1.0, error_status=400, error_code="context_length_exceeded")
     failed = service.http.post(
         "/v1/predict", json={"model": "gpt-4", "input": f"{question} x", "variant": "cot"}
     )
-    assert failed.status_code == 422
+    assert failed.status_code == 422  # the input was too long: the client's error
     after = report(service)
 
     assert after["ab_testing_enabled"] is True

@@ -347,6 +347,7 @@ def test_a_request_cut_off_by_shutdown_gets_a_json_error_and_its_spend_is_counte
     """A request still running when the grace period ends: the client gets `503 shutting_down` as
     JSON (not a plain-text 500), and its cut-off provider call reaches the fleet's totals before the
     process exits (it never did)."""
+
     def unmetered_in_redis() -> int:
         raw = redis_server.command("HGET", "dspy-service:v1:costs:gpt-4:baseline", "unmetered_calls")
         return int(raw.split(b"\r\n")[1]) if raw.startswith(b"$") and not raw.startswith(b"$-1") else 0

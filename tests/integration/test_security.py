@@ -26,7 +26,7 @@ from tests.integration.conftest import ServiceFactory, base_env
 from tests.support.processes import LOOPBACK, RedisServer, ServiceProcess, Simulator, wait_until
 
 KEY_ACME = "sk-acme-" + "a1" * 12  # stored only as its SHA-256, tenant acme
-KEY_PLAIN = "sk-plain-" + "b2" * 12  # stored in plain text, no tenant
+KEY_PLAIN = "sk-plain-" + "b2" * 12  # stored in plain text, no tenant, an operator key
 KEY_FRUGAL = "sk-frugal-" + "c3" * 12  # tenant frugal, with a tiny daily budget
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 
@@ -98,7 +98,9 @@ def secured(
     keys = workdir / "api-keys.txt"
     digest = hashlib.sha256(KEY_ACME.encode()).hexdigest()
     keys.write_text(
-        f"# who may call\nsha256:{digest} acme\n{KEY_PLAIN}   # ops, no tenant\n{KEY_FRUGAL} frugal\n"
+        f"# who may call\nsha256:{digest} acme\n"
+        f"{KEY_PLAIN} role:operator  # ops, no tenant\n"
+        f"{KEY_FRUGAL} frugal\n"
     )
     models = workdir / "models.yaml"
     models.write_text(MODELS_YAML)

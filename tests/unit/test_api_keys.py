@@ -129,3 +129,16 @@ def test_settings_view_hides_keys(settings_env: Path) -> None:
     view = str(Settings(api_keys=f"{KEY} acme,{OTHER}").public_view())
     assert KEY not in view
     assert OTHER not in view
+
+
+def test_keys_have_roles_from_the_file_or_admin_api_keys(tmp_path: Path) -> None:
+    """`role:operator` in the keys file, or ADMIN_API_KEYS, makes an operator; the default is client."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-client-0123456789abcd acme\nsk-operator-0123456789ab role:operator\n")
+    settings = Settings(_env_file=None, api_keys_file=keys, admin_api_keys="sk-admin-0123456789abcdef ops")
+    keyring = load_keyring(settings)
+    assert keyring is not None
+    roles = {key.tenant: key.role for key in keyring.keys}
+    assert roles == {"acme": "client", None: "operator", "ops": "operator"}
+    with pytest.raises(ConfigError, match="role:client or role:operator"):
+        parse_key_line("sk-client-0123456789abcd role:root", "keys.txt:1")

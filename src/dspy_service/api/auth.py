@@ -75,6 +75,7 @@ class AuthMiddleware:
             return
         state["tenant"] = key.tenant
         state["api_key_id"] = key.key_id
+        state["role"] = key.role
         if log_fields is not None:
             log_fields["key_id"] = key.key_id
             if key.tenant is not None:

@@ -8,8 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from dspy_service.api.deps import services_of
+from dspy_service.api.deps import require_operator, services_of
 from dspy_service.api.responses import JSONResponse
+from dspy_service.errors import NotFound
 
 
 async def health(request: Request) -> Response:
@@ -50,6 +51,14 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    services = services_of(request)
+    if (
+        services.settings.metrics_port
+        and request.scope.get("server", (None, None))[1] != services.settings.metrics_port
+    ):
+        raise NotFound("/metrics is served on METRICS_PORT")
+    if not services.settings.metrics_public and not services.settings.metrics_port:
+        require_operator(request, "/metrics")
     return Response(
         generate_latest(services_of(request).metrics.scrape_registry), media_type=CONTENT_TYPE_LATEST
     )

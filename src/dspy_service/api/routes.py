@@ -11,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from dspy_service.api.deps import services_of
+from dspy_service.api.deps import is_operator, require_operator, services_of
 from dspy_service.api.responses import JSONResponse
 from dspy_service.api.schemas import PredictRequest, describe_validation_error
+from dspy_service.costs import rows_of
 from dspy_service.errors import InvalidRequest
 from dspy_service.results import Prediction
 from dspy_service.routing import PredictionInput
@@ -141,11 +142,19 @@ class PredictEndpoint:
 
 
 async def costs(request: Request) -> Response:
+    """The cost totals: all of them for operators; a client key's own tenant's rows (named
+    model:variant, as the service-wide ones), or none for a key without a tenant."""
     totals, scope = await services_of(request).ledger.snapshot()
-    return JSONResponse(totals, headers={"X-Costs-Scope": scope})
+    if is_operator(request):
+        visible = rows_of(totals, None)
+    else:
+        tenant = request.scope["state"].get("tenant")
+        visible = rows_of(totals, tenant) if tenant is not None else {}
+    return JSONResponse(visible, headers={"X-Costs-Scope": scope})
 
 
 async def config(request: Request) -> Response:
+    require_operator(request, "/config")
     services = services_of(request)
     models_config = services.models_config
     view = {
