@@ -104,7 +104,9 @@ class Metrics:
         self.errors = Counter("dspy_errors", "Errors by type.", ["type"], registry=registry)
         self.redis_connected = Gauge(
             "dspy_redis_connected",
-            "1 while Redis answers, 0 while it does not.",
+            "1 while Redis answers, 0 while it does not, by role: state (REDIS_URL: costs, budgets, rate "
+            "limits) and cache (REDIS_CACHE_URL, when the cache has a Redis of its own).",
+            ["role"],
             registry=registry,
             multiprocess_mode="livemax",
         )

@@ -53,6 +53,7 @@ class RedisLink:
         timeout: float,
         metrics: Metrics,
         redacted_url: str,
+        role: str = "state",
         probe_min_secs: float = 0.5,
         probe_max_secs: float = 5.0,
     ) -> None:
@@ -74,7 +75,9 @@ class RedisLink:
         self._probe_task: asyncio.Task[None] | None = None
         self._closed = False
         self._listeners: list[Callable[[], Awaitable[None]]] = []
-        metrics.redis_connected.set(0)
+        self.role = role  # "state" (REDIS_URL) or "cache" (REDIS_CACHE_URL)
+        self._connected_gauge = metrics.redis_connected.labels(role)
+        self._connected_gauge.set(0)
 
     def on_reconnect(self, listener: Callable[[], Awaitable[None]]) -> None:
         """Run `listener` each time Redis comes back (e.g. to flush pending totals)."""
@@ -131,9 +134,13 @@ class RedisLink:
         self._metrics.count_error("redis_error")
         if self.connected:
             self.connected = False
-            self._metrics.redis_connected.set(0)
+            self._connected_gauge.set(0)
             _log.warning(
-                "redis.disconnected", url=self._redacted_url, error=type(exc).__name__, detail=str(exc)
+                "redis.disconnected",
+                role=self.role,
+                url=self._redacted_url,
+                error=type(exc).__name__,
+                detail=str(exc),
             )
         self._ensure_probe()
 
@@ -155,8 +162,8 @@ class RedisLink:
 
     def _mark_up(self, *, first: bool = False) -> None:
         self.connected = True
-        self._metrics.redis_connected.set(1)
-        _log.info("redis.connected" if first else "redis.reconnected", url=self._redacted_url)
+        self._connected_gauge.set(1)
+        _log.info("redis.connected" if first else "redis.reconnected", role=self.role, url=self._redacted_url)
 
     def _ensure_probe(self) -> None:
         if self._closed or (self._probe_task is not None and not self._probe_task.done()):

@@ -78,6 +78,7 @@ class Services:
     budgets: Budgets | None = None
     tracing: Tracing | None = None  # None: tracing is off
     threads: ProgramThreads | None = None
+    cache_link: RedisLink | None = None  # the cache's own Redis (REDIS_CACHE_URL), if it has one
     # Price per provider model id, shared with the predictor (its `prices` is this dict's `get`):
     # a reload updates it in place.
     prices: dict[str, Price | None] = field(default_factory=dict)
@@ -85,6 +86,8 @@ class Services:
     async def start(self) -> None:
         if self.redis_link is not None:
             await self.redis_link.start()
+        if self.cache_link is not None:
+            await self.cache_link.start()
         self.ledger.start()
         if self.budgets is not None:
             self.budgets.start()
@@ -131,6 +134,8 @@ class Services:
             await self.budgets.close()
         if self.redis_link is not None:
             await self.redis_link.close()
+        if self.cache_link is not None:
+            await self.cache_link.close()
         await self.lms.aclose()
         if self.tracing is not None:
             await self.tracing.close()  # last: spans of the requests that just finished go out too
@@ -281,11 +286,20 @@ def build_services(
             metrics=metrics,
             redacted_url=settings.redacted_redis_url(),
         )
+    cache_link = link
+    if settings.redis_cache_url is not None:
+        cache_link = RedisLink(
+            settings.redis_cache_url.get_secret_value(),
+            timeout=settings.redis_timeout_secs,
+            metrics=metrics,
+            redacted_url=settings.redacted_redis_cache_url() or "",
+            role="cache",
+        )
     cache = TwoLevelCache(
         MemoryCache(
             settings.memory_cache_size, settings.memory_cache_ttl_secs, settings.memory_cache_max_bytes
         ),
-        RedisCache(link, settings.redis_cache_ttl_secs) if link is not None else None,
+        RedisCache(cache_link, settings.redis_cache_ttl_secs) if cache_link is not None else None,
         metrics,
         tracing,
         max_entry_bytes=settings.cache_max_entry_bytes,
@@ -333,6 +347,7 @@ def build_services(
         predictor=predictor,
         lms=lms,
         redis_link=link,
+        cache_link=cache_link if cache_link is not link else None,
         provider_description=provider_description,
         lifecycle=Lifecycle(threads_running_on=lambda: threads.abandoned),
         threads=threads,

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     access_log_sample_rate: float = Field(default=1.0, ge=0, le=1)
 
     redis_url: SecretStr = SecretStr("redis://localhost:6379")
+    # The response cache on a Redis of its own (an LRU one: maxmemory-policy allkeys-lru), so that
+    # cache pressure never evicts the state REDIS_URL keeps (costs, budgets, rate limits: noeviction,
+    # with persistence). Unset: the cache shares REDIS_URL.
+    redis_cache_url: SecretStr | None = None
     redis_required: bool = False
     redis_timeout_secs: float = Field(default=0.25, gt=0, le=10)
     memory_cache_size: int = Field(default=10_000, ge=0)
@@ -106,7 +110,9 @@ class Settings(BaseSettings):
     otel_service_name: str | None = None  # default "dspy-service"
     otel_sdk_disabled: bool = False
 
-    @field_validator("openai_api_key", "api_keys", "api_keys_file", "admin_api_keys", mode="before")
+    @field_validator(
+        "openai_api_key", "api_keys", "api_keys_file", "admin_api_keys", "redis_cache_url", mode="before"
+    )
     @classmethod
     def _blank_key_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -187,6 +193,8 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every secret the settings hold, as text: the log renderer blanks each wherever it shows."""
         found = url_secrets(self.redis_url.get_secret_value())
+        if self.redis_cache_url is not None:
+            found += url_secrets(self.redis_cache_url.get_secret_value())
         for url in (
             self.openai_base_url,
             self.otel_exporter_otlp_endpoint,
@@ -204,10 +212,14 @@ class Settings(BaseSettings):
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis_url.get_secret_value())
 
+    def redacted_redis_cache_url(self) -> str | None:
+        return redact_url(self.redis_cache_url.get_secret_value()) if self.redis_cache_url else None
+
     def public_view(self) -> dict[str, object]:
         """The effective configuration with every secret redacted, for `/config`."""
         view = self.model_dump(mode="json")
         view["redis_url"] = self.redacted_redis_url()
+        view["redis_cache_url"] = self.redacted_redis_cache_url()
         view["openai_api_key"] = "***" if self.openai_api_key is not None else None
         if self.openai_base_url is not None:
             view["openai_base_url"] = redact_url(self.openai_base_url)

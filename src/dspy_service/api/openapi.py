@@ -156,7 +156,11 @@ _HEALTH = {
         "status": {"const": "healthy"},
         "version": {"type": "string"},
         "uptime_secs": {"type": "integer", "minimum": 0},
-        "redis_connected": {"type": "boolean"},
+        "redis_connected": {"type": "boolean", "description": "the state Redis (REDIS_URL) answers"},
+        "redis_cache_connected": {
+            "type": "boolean",
+            "description": "the cache's Redis answers (REDIS_CACHE_URL, else the same as redis_connected)",
+        },
         "python_initialized": {"type": "boolean"},
         "cache_size": {"type": "integer", "minimum": 0},
         "circuit_breakers": {

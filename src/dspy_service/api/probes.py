@@ -17,11 +17,13 @@ async def health(request: Request) -> Response:
     """Liveness: 200 while the process serves; the body says how its parts are doing."""
     services = services_of(request)
     link = services.redis_link
+    cache_link = services.cache_link or link
     body = {
         "status": "healthy",
         "version": services.settings.service_version,
         "uptime_secs": int(time.monotonic() - services.lifecycle.started_at),
         "redis_connected": bool(link is not None and link.connected),
+        "redis_cache_connected": bool(cache_link is not None and cache_link.connected),
         "python_initialized": True,
         "cache_size": len(services.cache.memory),
         "circuit_breakers": {name: breaker.state for name, breaker in services.breakers.items()},

@@ -1,0 +1,54 @@
+"""The cache on a Redis of its own (REDIS_CACHE_URL), apart from the state Redis (REDIS_URL)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ServiceFactory
+from tests.support.metrics_text import sample_value
+from tests.support.processes import RedisServer, Simulator, wait_until
+
+
+@pytest.fixture
+def cache_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "cache-redis")
+    (tmp_path / "cache-redis").mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+def keys(redis: RedisServer, pattern: str) -> list[bytes]:
+    return [line for line in redis.command("KEYS", pattern).split(b"\r\n") if line.startswith(b"dspy")]
+
+
+def test_the_cache_can_live_on_its_own_redis_apart_from_the_state(
+    service_factory: ServiceFactory, sim: Simulator, redis_server: RedisServer, cache_redis: RedisServer
+) -> None:
+    """With REDIS_CACHE_URL, answers go to the cache Redis and costs stay on the state Redis; when the
+    cache Redis dies, the state link stays up (and the other way round), each with its own gauge."""
+    redis_server.command("FLUSHALL")
+    service = service_factory(REDIS_CACHE_URL=cache_redis.url)
+    question = f"where do I go {uuid.uuid4().hex}"
+    assert service.http.post("/v1/predict", json={"model": "gpt-4", "input": question}).status_code == 200
+    wait_until(
+        lambda: bool(keys(redis_server, "dspy-service:v1:costs:*")), timeout=5, what="costs in state Redis"
+    )
+    assert keys(cache_redis, "dspy-service:v1:cache:*")
+    assert not keys(redis_server, "dspy-service:v1:cache:*")
+    assert not keys(cache_redis, "dspy-service:v1:costs:*")
+
+    cache_redis.kill()
+    other = service.http.post("/v1/predict", json={"model": "gpt-4", "input": f"{question} again"})
+    assert other.status_code == 200
+    health = service.http.get("/health").json()
+    metrics = service.http.get("/metrics").text
+    assert health["redis_connected"] is True
+    assert health["redis_cache_connected"] is False
+    assert sample_value(metrics, "dspy_redis_connected", role="state") == 1
+    assert sample_value(metrics, "dspy_redis_connected", role="cache") == 0
+    assert service.http.get("/costs").headers["x-costs-scope"] == "fleet"
