@@ -33,7 +33,9 @@ def test_a_burst_of_memory_hits_with_rate_limits_keeps_redis_up(
     """500 concurrent requests (memory hits, each checking its rate limit in Redis) want more
     connections than the pool has: they wait for one instead of failing, Redis is never marked
     down, and the rate limit stays fleet-wide."""
-    service = service_factory(RATE_LIMIT="100000/minute")
+    # A generous timeout: what is tested is the pool (exhausting it failed at once, whatever the
+    # timeout), not how a 2-core machine busy with 500 requests keeps to 250 ms.
+    service = service_factory(RATE_LIMIT="100000/minute", REDIS_TIMEOUT_SECS="2")
     question = f"hot {uuid.uuid4().hex}"
     assert service.http.post("/v1/predict", json={"model": "gpt-4", "input": question}).status_code == 200
     statuses = asyncio.run(burst(service.url, [{"model": "gpt-4", "input": question}] * 500))
@@ -44,7 +46,8 @@ def test_a_burst_of_memory_hits_with_rate_limits_keeps_redis_up(
         f"{sample_value(metrics, 'dspy_redis_command_errors_total', error='pool_busy'):g}"
     )
     assert statuses == [200] * 500
-    assert disconnections(service) == 0
+    lost = [line for line in service.log_lines() if line.get("event") == "redis.disconnected"]
+    assert lost == []
     assert sample_value(metrics, "dspy_redis_connected") == 1
 
 
