@@ -252,3 +252,5 @@ def _costs(client: httpx.Client, args: argparse.Namespace) -> None:
         _print_json(totals)
         return
     print(format_costs(totals, response.headers.get("x-costs-scope")))
+    if since := response.headers.get("x-costs-since"):
+        print(f"since: {since} (when the state Redis began these totals)")

@@ -110,6 +110,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.redis_state_lost = Counter(
+            "dspy_redis_state_lost",
+            "Times the state Redis came back without its data (its epoch marker changed): fleet totals "
+            "and budget spend count again from then.",
+            registry=registry,
+        )
         self.redis_command_errors = Counter(
             "dspy_redis_command_errors",
             "Redis operations that failed without Redis being down, by error: a command Redis refused "

@@ -34,6 +34,7 @@ from dspy_service.programs import (
     use_program_dirs,
 )
 from dspy_service.ratelimit import RateLimiter
+from dspy_service.redis_epoch import StateEpoch
 from dspy_service.redis_link import RedisLink
 from dspy_service.settings import Settings, redact_url
 from dspy_service.tracing import Tracing, build_tracing
@@ -79,13 +80,18 @@ class Services:
     tracing: Tracing | None = None  # None: tracing is off
     threads: ProgramThreads | None = None
     cache_link: RedisLink | None = None  # the cache's own Redis (REDIS_CACHE_URL), if it has one
+    epoch: StateEpoch | None = None  # notices a state Redis that came back empty
     # Price per provider model id, shared with the predictor (its `prices` is this dict's `get`):
     # a reload updates it in place.
     prices: dict[str, Price | None] = field(default_factory=dict)
 
     async def start(self) -> None:
         if self.redis_link is not None:
+            if self.epoch is not None:  # first among the link's listeners: before anything is flushed
+                self.redis_link.on_reconnect(self.epoch.check)
             await self.redis_link.start()
+            if self.epoch is not None:
+                await self.epoch.check()
         if self.cache_link is not None:
             await self.cache_link.start()
         self.ledger.start()
@@ -348,6 +354,7 @@ def build_services(
         lms=lms,
         redis_link=link,
         cache_link=cache_link if cache_link is not link else None,
+        epoch=StateEpoch(link, metrics) if link is not None else None,
         provider_description=provider_description,
         lifecycle=Lifecycle(threads_running_on=lambda: threads.abandoned),
         threads=threads,

@@ -52,3 +52,27 @@ def test_the_cache_can_live_on_its_own_redis_apart_from_the_state(
     assert sample_value(metrics, "dspy_redis_connected", role="state") == 1
     assert sample_value(metrics, "dspy_redis_connected", role="cache") == 0
     assert service.http.get("/costs").headers["x-costs-scope"] == "fleet"
+
+
+def test_a_state_redis_that_comes_back_empty_is_noticed(
+    service_factory: ServiceFactory, sim: Simulator, cache_redis: RedisServer
+) -> None:
+    """A state Redis restarted without persistence answers as if nothing happened: its epoch marker
+    is gone, so the service logs `redis.state_lost`, counts it, and /costs says from when its fleet
+    totals count (X-Costs-Since) instead of passing a fresh count off as the whole."""
+    state = cache_redis  # a Redis of this test's own, keeping nothing on disk
+    service = service_factory(REDIS_URL=state.url)
+    assert service.http.post("/v1/predict", json={"model": "gpt-4", "input": "before"}).status_code == 200
+    first = service.http.get("/costs").headers["x-costs-since"]
+    state.kill()
+    state.start()
+    service.http.post("/v1/predict", json={"model": "gpt-4", "input": "after the restart"})
+    wait_until(
+        lambda: any(line.get("event") == "redis.state_lost" for line in service.log_lines()),
+        timeout=20,
+        what="redis.state_lost",
+    )
+    costs = service.http.get("/costs")
+    assert costs.headers["x-costs-scope"] == "fleet"
+    assert costs.headers["x-costs-since"] > first
+    assert sample_value(service.http.get("/metrics").text, "dspy_redis_state_lost_total") == 1

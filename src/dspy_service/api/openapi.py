@@ -374,6 +374,10 @@ def build_openapi(
                     "headers": {
                         "X-Request-ID": {"$ref": "#/components/headers/RequestID"},
                         "X-Costs-Scope": {"required": True, "schema": {"enum": ["fleet", "replica"]}},
+                        "X-Costs-Since": {
+                            "description": "with the fleet scope: when the state Redis began its totals",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
                     },
                 },
                 **unauthorized,

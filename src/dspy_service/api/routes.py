@@ -150,7 +150,11 @@ async def costs(request: Request) -> Response:
     else:
         tenant = request.scope["state"].get("tenant")
         visible = rows_of(totals, tenant) if tenant is not None else {}
-    return JSONResponse(visible, headers={"X-Costs-Scope": scope})
+    headers = {"X-Costs-Scope": scope}
+    epoch = services_of(request).epoch
+    if scope == "fleet" and epoch is not None and epoch.since is not None:
+        headers["X-Costs-Since"] = epoch.since  # the fleet totals count from then (redis_epoch.py)
+    return JSONResponse(visible, headers=headers)
 
 
 async def config(request: Request) -> Response:
