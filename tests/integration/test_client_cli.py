@@ -116,10 +116,12 @@ def test_costs_prints_an_aligned_table(shared_service: ServiceProcess, sim: Simu
     titles = "model:variant requests hits input tokens output tokens cost USD saved USD"
     assert header.split() == titles.split()
     assert set(rule) == {"-", " "}
-    # the rows, without the scope line and the notes on uncounted spend (other tests' rows in the
-    # shared Redis may have cut-off calls)
+    # the rows, without the scope and since lines and the notes on uncounted spend (other tests'
+    # rows in the shared Redis may have cut-off calls)
     table = [
-        line for line in lines[2:] if not line.startswith("scope:") and not line.endswith("not included")
+        line
+        for line in lines[2:]
+        if not line.startswith(("scope:", "since:")) and not line.endswith("not included")
     ]
     assert all(len(line) == len(header) for line in table)
     row = next(line for line in table if line.startswith("gpt-4:cot "))
@@ -128,7 +130,8 @@ def test_costs_prints_an_aligned_table(shared_service: ServiceProcess, sim: Simu
     assert int(cells[1].replace(",", "")) == figures["total_requests"]
     assert int(cells[2].replace(",", "")) == figures["cache_hits"]
     assert float(cells[5]) == pytest.approx(figures["total_cost_usd"], abs=1e-6)
-    assert lines[-1].startswith("scope: fleet")
+    assert lines[-2].startswith("scope: fleet")
+    assert lines[-1].startswith("since: ")  # when the state Redis began these totals
     as_json = run_cli("costs", "--json", url=shared_service.url)
     assert json.loads(as_json.stdout)["gpt-4:cot"]["total_requests"] == figures["total_requests"]
 
