@@ -647,6 +647,7 @@ class Predictor:
         models = (spec, *(p for p in route.pinned if p.key != spec.key))
         by_id = {m.name: m for m in reversed(models)}
         attempt = 0
+        started = time.monotonic()
         while True:
             breakers = self._acquire_breakers(models)
             try:
@@ -663,7 +664,9 @@ class Predictor:
                 ):
                     self._unmetered(failed, spent)  # sent, and the answer lost: the provider may bill it
                 if failure.kind not in _BREAKER_FAILURES:
-                    raise self._client_facing(failed, route, failure) from None
+                    raise self._client_facing(
+                        failed, route, failure, attempt + 1, time.monotonic() - started
+                    ) from None
                 failed_breaker.record_failure()
                 delay = self._backoff(attempt + 1, failure.retry_after)
                 if (
@@ -672,7 +675,9 @@ class Predictor:
                     or (sink is not None and sink.emitted)  # a retry would repeat what the client has
                 ):
                     # Out of retries, or the wait would outlive the request: answer now, not at the deadline.
-                    raise self._client_facing(failed, route, failure) from None
+                    raise self._client_facing(
+                        failed, route, failure, attempt + 1, time.monotonic() - started
+                    ) from None
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
@@ -704,7 +709,9 @@ class Predictor:
         return delay
 
     @staticmethod
-    def _client_facing(spec: ModelSpec, route: Route, failure: ProgramFailed) -> ServiceError:
+    def _client_facing(
+        spec: ModelSpec, route: Route, failure: ProgramFailed, attempts: int = 1, elapsed: float = 0.0
+    ) -> ServiceError:
         """The error the client sees: what happened, in our words. The provider's own text (it may
         carry internal model ids or the prompt) goes to the log, redacted, never to the client."""
         variant = route.program.variant
@@ -718,8 +725,11 @@ class Predictor:
                 detail=redact_secrets(failure.message)[:500],
             )
         if failure.kind == "timeout":
+            # What happened, not the models file's figure: a gateway in between may time out first.
+            tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
             return ProviderTimeout(
-                f"model {spec.key!r} did not answer in time (its timeout, or the provider's)"
+                f"model {spec.key!r} did not answer in time: {tries}, {elapsed:.1f} s in all "
+                f"(the model's timeout is {spec.request_timeout_secs:g} s a call)"
             )
         if failure.kind == "too_long":
             return InvalidRequest(

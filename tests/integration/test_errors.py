@@ -147,13 +147,14 @@ def test_a_provider_refusal_is_the_clients_error_only_when_it_is_about_the_conte
 
 
 def test_provider_timeout_is_504(service_factory: ServiceFactory, sim: Simulator, tmp_path: Path) -> None:
-    """A provider that never answers gives 504 once the model's timeout passes."""
+    """A provider that never answers gives 504 once the model's timeout passes, saying what happened:
+    how many attempts, how long in all (a gateway in between may have timed out first)."""
     config = {
         "models": {
             "slow": {
                 "name": "openai/gpt-4",
                 "request_timeout_secs": 0.5,
-                "max_retries": 0,
+                "max_retries": 1,
                 "cost_per_1k_input_tokens": 0.03,
                 "cost_per_1k_output_tokens": 0.06,
             }
@@ -165,7 +166,9 @@ def test_provider_timeout_is_504(service_factory: ServiceFactory, sim: Simulator
     service = service_factory(MODELS_CONFIG=str(models))
     sim.configure(hang=True)
     response = service.http.post("/v1/predict", json={"model": "slow", "input": unique()})
-    assert_error(response, 504, "provider_timeout")
+    message = assert_error(response, 504, "provider_timeout", "2 attempts")["error"]["message"]
+    seconds = float(message.split("2 attempts, ")[1].split(" s in all")[0])
+    assert 1.0 <= seconds < 5
 
 
 @pytest.mark.parametrize(
