@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 
 from tests.integration.conftest import ServiceFactory
 from tests.support.metrics_text import sample_value
-from tests.support.processes import ServiceProcess, Simulator, run_service_expecting_failure
+from tests.support.processes import RedisServer, ServiceProcess, Simulator, run_service_expecting_failure
 
 PROGRAMS_DIR = Path(__file__).resolve().parents[1] / "programs"
 
@@ -519,3 +520,24 @@ def test_changing_a_programs_code_invalidates_its_cached_answers(
     changed = service_factory("changed", **env)
     assert ask(changed)["metadata"]["cache_level"] is None
     assert changed.http.get("/config").json()["variants"]["bot"]["fingerprint"] != fingerprint
+
+
+def test_shutdown_waits_for_a_program_thread_past_its_deadline(
+    service_factory: ServiceFactory, sim: Simulator, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGTERM while a synchronous program's thread runs on past its request's deadline: the drain
+    waits for it (within the grace period), and the tokens it spent late reach the fleet's totals
+    before the process exits."""
+    variants = "default_variant: drain\nvariants:\n  drain: {module: qa_bot.pipeline:SlowPipeline}\n"
+    service = service_factory(**program_env(write_models(tmp_path, variants), REQUEST_TIMEOUT_SECS="0.3"))
+    assert predict(service, variant="drain", inputs={"question": unique("drain")}).status_code == 504
+    started = time.monotonic()
+    service.signal(signal.SIGTERM)
+    assert service.wait(timeout=30) == 0
+    waited = time.monotonic() - started
+    print(f"SIGTERM with a program thread running on: exited after {waited:.2f} s; provider {sim.stats()}")
+    assert sim.stats()["calls"] == 2  # the thread finished its program: both predictors called
+    raw = redis_server.command("HGET", "dspy-service:v1:costs:gpt-3.5-turbo:drain", "total_input_tokens")
+    assert raw.startswith(b"$"), raw
+    assert not raw.startswith(b"$-1"), "no late tokens in Redis"
+    assert int(raw.split(b"\r\n")[1]) == sim.stats()["prompt_tokens"]
