@@ -4,6 +4,10 @@ with retries under a deadline, account tokens and cost, store the answer.
 Cache hits are served without a task switch (memory) or with one Redis round trip. Identical misses
 inside this process share one upstream call: the first request starts it as a task, the others await
 the same task, and only that task spends money.
+
+The steps it calls live one level down: routing.py (the request's model, program and checked
+inputs), accounting.py (what was spent and where it is counted), worst_case.py (what a budget
+holds), upstream_errors.py (a failure as the client sees it), programs/ (running the program).
 """
 
 from __future__ import annotations
@@ -12,19 +16,18 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from dspy_service.accounting import Accountant, PricedSpend, Spend
 from dspy_service.breaker import CircuitBreaker
 from dspy_service.budgets import Budgets
 from dspy_service.cache import CachedAnswer, TwoLevelCache, cache_key
-from dspy_service.costs import CostLedger, PriceLookup, Usage, price_usage
+from dspy_service.costs import CostLedger, PriceLookup
 from dspy_service.errors import (
     BudgetExceeded,
     CircuitOpen,
-    InvalidRequest,
     NotFound,
     Overloaded,
     ProviderError,
@@ -34,22 +37,21 @@ from dspy_service.errors import (
 from dspy_service.experiments import build_assigner
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics, RouteMetrics
-from dspy_service.models_config import DEFAULT_MAX_OUTPUT_TOKENS, ModelsConfig, ModelSpec
+from dspy_service.models_config import ModelsConfig, ModelSpec
 from dspy_service.programs import (
     LanguageModels,
     ProgramFailed,
     ProgramRun,
     ProgramThreads,
-    UsageByModel,
-    formatted_prompt_bytes,
     run_program,
     stream_program,
 )
 from dspy_service.programs import LoadedProgram as LoadedProgram
-from dspy_service.results import ModelUsage, Prediction, StreamChunk
+from dspy_service.results import Prediction, StreamChunk
 from dspy_service.routing import PredictionInput, Route, split_parameters
-from dspy_service.settings import redact_secrets
 from dspy_service.tracing import Tracing
+from dspy_service.upstream_errors import client_facing_error
+from dspy_service.worst_case import worst_case
 
 _log = get_logger("dspy_service.predictor")
 
@@ -58,42 +60,7 @@ _BREAKER_FAILURES = frozenset({"timeout", "transport", "server", "rate_limit"})
 # Failures that can strike after the provider has the request and before it reports the tokens.
 _UNMETERED_FAILURES = frozenset({"timeout", "transport"})
 _BACKOFF_BASE_SECS = 0.2
-# Tokens a provider adds around each message of a chat (role markers): a bound for a few messages.
-_MESSAGE_FRAMING_BYTES = 64
 _BACKOFF_CAP_SECS = 5.0
-
-
-@dataclass(slots=True)
-class _Spend:
-    """What one request's provider calls spent: the tokens the provider reported, per provider
-    model id, and how many calls were cut off before it reported any (spend unknown)."""
-
-    tokens: UsageByModel
-    unmetered_calls: int = 0
-    # Runs of a synchronous program still going in their thread: their tokens come later.
-    running_on: int = 0
-
-    def since(self, earlier: UsageByModel) -> UsageByModel:
-        """The tokens counted after `earlier` (a copy of `tokens` taken then)."""
-        grown: UsageByModel = {}
-        for model_id, (tokens_in, tokens_out, calls) in self.tokens.items():
-            before_in, before_out, before_calls = earlier.get(model_id, (0, 0, 0))
-            if calls > before_calls or tokens_in > before_in:
-                grown[model_id] = (tokens_in - before_in, tokens_out - before_out, calls - before_calls)
-        return grown
-
-    def add(self, usage_by_model: UsageByModel) -> None:
-        for model_id, (tokens_in, tokens_out, calls) in usage_by_model.items():
-            before_in, before_out, before_calls = self.tokens.get(model_id, (0, 0, 0))
-            self.tokens[model_id] = (before_in + tokens_in, before_out + tokens_out, before_calls + calls)
-
-
-@dataclass(frozen=True, slots=True)
-class _Spent:
-    """A request's spend priced: in all, and per public model name."""
-
-    total: Usage
-    by_model: dict[str, ModelUsage]
 
 
 class _ChunkQueue:
@@ -148,11 +115,13 @@ class Predictor:
         self._ledger = ledger
         self._metrics = metrics
         self._prices = prices
+        self._accountant = Accountant(ledger=ledger, metrics=metrics, prices=prices)
         self._deadline = request_timeout_secs
         self._max_in_flight = max_in_flight
-        self._upstream: dict[str, asyncio.Task[tuple[CachedAnswer, _Spent]]] = {}
+        self._upstream: dict[str, asyncio.Task[tuple[CachedAnswer, PricedSpend]]] = {}
         self._upstream_count = 0
-        self._tasks: set[asyncio.Task[tuple[CachedAnswer, _Spent]]] = set()  # every upstream call running
+        # every upstream call running (shutdown cancels and awaits them)
+        self._tasks: set[asyncio.Task[tuple[CachedAnswer, PricedSpend]]] = set()
         self._random = random.Random()
         self._assigner = build_assigner(config.ab_testing_enabled, config.ab_weights)
 
@@ -318,7 +287,7 @@ class Predictor:
         metrics: RouteMetrics,
         variant: str,
         answer: CachedAnswer,
-        usage: _Spent,
+        usage: PricedSpend,
         coalesced: bool,
         started: float,
     ) -> Prediction:
@@ -379,7 +348,7 @@ class Predictor:
             cost_saved_usd=hit.cost_usd,
         )
 
-    async def _call_upstream(self, key: str | None, route: Route) -> tuple[CachedAnswer, _Spent]:
+    async def _call_upstream(self, key: str | None, route: Route) -> tuple[CachedAnswer, PricedSpend]:
         task = self._upstream.get(key) if key is not None else None
         if task is None:
             task = self._start_upstream(key, route, None)
@@ -388,7 +357,7 @@ class Predictor:
 
     def _start_upstream(
         self, key: str | None, route: Route, sink: _ChunkQueue | None
-    ) -> asyncio.Task[tuple[CachedAnswer, _Spent]]:
+    ) -> asyncio.Task[tuple[CachedAnswer, PricedSpend]]:
         """Start the upstream call as a task (stored under `key` when it succeeds); a non-streaming
         one is registered so that identical requests arriving meanwhile share it."""
         in_flight = self._upstream_count + self._threads.abandoned
@@ -411,21 +380,21 @@ class Predictor:
 
     async def _produce(
         self, key: str | None, route: Route, sink: _ChunkQueue | None
-    ) -> tuple[CachedAnswer, _Spent]:
-        spent = _Spend({})
+    ) -> tuple[CachedAnswer, PricedSpend]:
+        spent = Spend({})
         limit = self._deadline if sink is None else self._stream_max
         deadline_at = time.monotonic() + limit
         try:
             async with asyncio.timeout(limit):
                 run, model_served = await self._run_with_fallbacks(route, spent, deadline_at, sink)
         except TimeoutError:
-            self._account(route, spent)
+            self._accountant.account(route, spent)
             what = "deadline (REQUEST_TIMEOUT_SECS)" if sink is None else "cap on a stream (STREAM_MAX_SECS)"
             raise ProviderTimeout(f"no complete answer within the request's {limit:g} s {what}") from None
         except (ServiceError, asyncio.CancelledError):
-            self._account(route, spent)
+            self._accountant.account(route, spent)
             raise
-        usage = self._account(route, spent, answered=True)
+        usage = self._accountant.account(route, spent, answered=True)
         answer = CachedAnswer(
             outputs=run.outputs,
             main_output=run.main_output,
@@ -438,84 +407,10 @@ class Predictor:
             await self._cache.set(key, answer)
         return answer, usage
 
-    def _public_names(self, route: Route) -> dict[str, str]:
-        """Provider model id -> public model name, for the models a request's program may call."""
-        names: dict[str, str] = {}
-        models = route.config.models
-        for spec in (route.model, *(models[k] for k in route.model.fallbacks), *route.pinned):
-            names.setdefault(spec.name, spec.key)
-        return names
-
-    def _account(self, route: Route, spent: _Spend, *, answered: bool = False) -> _Spent:
-        """Every token the provider reported for this request, failed attempts included, is counted
-        against the model that spent it (a pinned predictor's model, a fallback), and so is every
-        call cut off before the provider reported its tokens: its spend is unknown, and the totals
-        say so rather than count it as nothing."""
-        usage = price_usage(spent.tokens, self._prices)
-        for model_id in usage.unpriced_models:
-            self._metrics.unpriced.labels(model_id).inc()
-        by_model = self._charge(route, spent.tokens)
-        variant, model = route.program.variant, route.model.key
-        if spent.tokens or spent.unmetered_calls or spent.running_on or answered:
-            own = by_model.get(model)
-            own_usage = Usage(own.input_tokens, own.output_tokens, own.cost_usd) if own else Usage(0, 0, 0.0)
-            self._ledger.record_miss(model, variant, own_usage, spent.unmetered_calls, tenant=route.tenant)
-        for name, share in by_model.items():
-            if name != model:
-                share_usage = Usage(share.input_tokens, share.output_tokens, share.cost_usd)
-                self._ledger.record_miss(name, variant, share_usage, requests=0, tenant=route.tenant)
-        return _Spent(total=usage, by_model=by_model)
-
-    def _priced_by_model(self, route: Route, tokens: UsageByModel) -> dict[str, float]:
-        """What `tokens` cost per public model name (unpriced models cost nothing here)."""
-        names = self._public_names(route)
-        costs: dict[str, float] = {}
-        for model_id, counts in tokens.items():
-            price = self._prices(model_id)
-            if price is not None:
-                name = names.get(model_id, model_id)
-                costs[name] = costs.get(name, 0.0) + price.cost(counts[0], counts[1])
-        return costs
-
-    def _charge(self, route: Route, tokens: UsageByModel) -> dict[str, ModelUsage]:
-        """Tokens per provider model id as each public model's usage, each priced at its own price
-        and charged to its own metrics and budgets."""
-        names = self._public_names(route)
-        shares: dict[str, UsageByModel] = {}
-        for model_id, counts in tokens.items():
-            shares.setdefault(names.get(model_id, model_id), {})[model_id] = counts
-        by_model: dict[str, ModelUsage] = {}
-        variant = route.program.variant
-        for name, share in shares.items():
-            priced = price_usage(share, self._prices)
-            by_model[name] = ModelUsage(
-                calls=sum(counts[2] for counts in share.values()),
-                input_tokens=priced.input_tokens,
-                output_tokens=priced.output_tokens,
-                cost_usd=priced.cost_usd,
-            )
-            metrics = self._metrics.route(name, variant)
-            if priced.input_tokens:
-                metrics.input_tokens.inc(priced.input_tokens)
-            if priced.output_tokens:
-                metrics.output_tokens.inc(priced.output_tokens)
-            if priced.cost_usd:
-                metrics.cost.inc(priced.cost_usd)
-        return by_model
-
-    def _account_late(self, route: Route, tokens: UsageByModel) -> None:
-        """What a synchronous program spent after its request had ended (its thread ran on)."""
-        if not tokens:
-            return
-        _log.info("prediction.late_usage", variant=route.program.variant, models=sorted(tokens))
-        for name, share in self._charge(route, tokens).items():
-            usage = Usage(share.input_tokens, share.output_tokens, share.cost_usd)
-            self._ledger.record_miss(name, route.program.variant, usage, requests=0, tenant=route.tenant)
-
     async def _run_with_fallbacks(
         self,
         route: Route,
-        spent: _Spend,
+        spent: Spend,
         deadline_at: float,
         sink: _ChunkQueue | None,
     ) -> tuple[ProgramRun, str]:
@@ -539,7 +434,7 @@ class Predictor:
         self,
         spec: ModelSpec,
         route: Route,
-        spent: _Spend,
+        spent: Spend,
         deadline_at: float,
         sink: _ChunkQueue | None,
     ) -> ProgramRun:
@@ -550,7 +445,7 @@ class Predictor:
         budgets = self._budgets
         if budgets is None:
             return await self._run_with_retries(spec, route, spent, deadline_at, sink)
-        hold = await budgets.reserve(self._worst_case(route, spec), route.tenant)
+        hold = await budgets.reserve(worst_case(route, spec, self._prices), route.tenant)
         tokens_before = dict(spent.tokens)
         unknown_before = spent.unmetered_calls + spent.running_on
         unknown = True
@@ -562,41 +457,8 @@ class Predictor:
             unknown = spent.unmetered_calls + spent.running_on > unknown_before
             raise
         finally:  # a cancellation (the deadline, a stream's client gone) leaves the spend unknown
-            by_model = self._priced_by_model(route, spent.since(tokens_before))
+            by_model = self._accountant.priced_by_model(route, spent.since(tokens_before))
             budgets.settle(hold, by_model, unknown=unknown)
-
-    def _worst_case(self, route: Route, spec: ModelSpec) -> dict[str, float]:
-        """The most a run with `spec` serving could cost, per model, as the program's structure tells:
-        each call's prompt at most its bytes (no token is shorter than a byte): the predictor's own
-        text, the request's inputs and every earlier call's completion (a pipeline may feed them on),
-        and each completion at most the completion limit. A program that calls a predictor more often
-        than its structure shows (a loop in its own code) can exceed it; its settled spend still
-        counts in full."""
-        limit = _completion_limit(route.lm_options, spec)
-        input_bytes = len(orjson.dumps(route.canonical_inputs))
-        models = route.config.models
-        charges: dict[str, float] = {}
-        earlier_calls = 0
-        predictors = route.program.predictors
-        exact = None
-        if len(predictors) == 1 and predictors[0].max_calls == 1:  # one call: its prompt, formatted
-            exact = formatted_prompt_bytes(predictors[0].predictor, route.inputs)
-        for info in predictors:
-            serving = models[info.model] if info.model is not None else spec
-            price = self._prices(serving.name)
-            calls = info.max_calls
-            prompt = (
-                exact + _MESSAGE_FRAMING_BYTES
-                if exact is not None
-                else calls * (info.static_prompt_bytes + input_bytes)
-                + limit * (calls * earlier_calls + calls * (calls - 1) // 2)
-            )
-            earlier_calls += calls
-            if price is not None:
-                cost = prompt * price.input_per_token + calls * limit * price.output_per_token
-                charges[serving.key] = charges.get(serving.key, 0.0) + cost
-        charges.setdefault(spec.key, 0.0)
-        return charges
 
     def _acquire_breakers(self, specs: tuple[ModelSpec, ...]) -> list[CircuitBreaker]:
         """The breakers of every model an attempt may call, acquired; CircuitOpen if one is open."""
@@ -625,7 +487,7 @@ class Predictor:
                 lm,
                 route.inputs,
                 threads=self._threads,
-                on_late_usage=lambda tokens: self._account_late(route, tokens),
+                on_late_usage=lambda tokens: self._accountant.account_late(route, tokens),
             )
         else:
             call = stream_program(route.program, lm, route.inputs, sink)
@@ -637,7 +499,7 @@ class Predictor:
         self,
         spec: ModelSpec,
         route: Route,
-        spent: _Spend,
+        spent: Spend,
         deadline_at: float,
         sink: _ChunkQueue | None,
     ) -> ProgramRun:
@@ -662,9 +524,10 @@ class Predictor:
                 if (failure.kind in _UNMETERED_FAILURES and failure.connected) or (
                     failure.kind == "server" and failure.status is None  # an error event mid-stream
                 ):
-                    self._unmetered(failed, spent)  # sent, and the answer lost: the provider may bill it
+                    # sent, and the answer lost: the provider may bill it
+                    self._accountant.unmetered(failed, spent)
                 if failure.kind not in _BREAKER_FAILURES:
-                    raise self._client_facing(
+                    raise client_facing_error(
                         failed, route, failure, attempt + 1, time.monotonic() - started
                     ) from None
                 failed_breaker.record_failure()
@@ -675,7 +538,7 @@ class Predictor:
                     or (sink is not None and sink.emitted)  # a retry would repeat what the client has
                 ):
                     # Out of retries, or the wait would outlive the request: answer now, not at the deadline.
-                    raise self._client_facing(
+                    raise client_facing_error(
                         failed, route, failure, attempt + 1, time.monotonic() - started
                     ) from None
                 attempt += 1
@@ -688,7 +551,7 @@ class Predictor:
                 # program's thread runs on, and reports its tokens when it returns (_account_late).
                 if isinstance(exc, asyncio.CancelledError):
                     if route.program.is_async or sink is not None:
-                        self._unmetered(spec, spent)
+                        self._accountant.unmetered(spec, spent)
                     else:
                         spent.running_on += 1
                 raise
@@ -697,65 +560,12 @@ class Predictor:
             spent.add(run.usage_by_model)
             return run
 
-    def _unmetered(self, spec: ModelSpec, spent: _Spend) -> None:
-        spent.unmetered_calls += 1
-        self._metrics.unmetered_calls.labels(spec.key).inc()
-
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter; a provider's Retry-After is a floor."""
         delay = self._random.uniform(0, min(_BACKOFF_CAP_SECS, _BACKOFF_BASE_SECS * 2 ** (attempt - 1)))
         if retry_after is not None and retry_after > 0:
             delay = max(delay, min(retry_after, _BACKOFF_CAP_SECS * 6))
         return delay
-
-    @staticmethod
-    def _client_facing(
-        spec: ModelSpec, route: Route, failure: ProgramFailed, attempts: int = 1, elapsed: float = 0.0
-    ) -> ServiceError:
-        """The error the client sees: what happened, in our words. The provider's own text (it may
-        carry internal model ids or the prompt) goes to the log, redacted, never to the client."""
-        variant = route.program.variant
-        if failure.kind not in ("unencodable",):
-            _log.warning(
-                "prediction.upstream_failed",
-                model=spec.key,
-                variant=variant,
-                kind=failure.kind,
-                status=failure.status,
-                detail=redact_secrets(failure.message)[:500],
-            )
-        if failure.kind == "timeout":
-            # What happened, not the models file's figure: a gateway in between may time out first.
-            tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
-            return ProviderTimeout(
-                f"model {spec.key!r} did not answer in time: {tries}, {elapsed:.1f} s in all "
-                f"(the model's timeout is {spec.request_timeout_secs:g} s a call)"
-            )
-        if failure.kind == "too_long":
-            return InvalidRequest(
-                f"the input is too long for model {spec.key!r}: its context window is exceeded"
-            )
-        if failure.kind == "content":
-            return InvalidRequest(f"the provider of model {spec.key!r} refused the request's content")
-        if failure.kind == "parse":
-            return ProviderError(f"model {spec.key!r} answered in a shape the program could not parse")
-        if failure.kind == "unencodable":
-            return ProviderError(
-                f"the program of variant {variant!r} answered with a value that cannot be encoded as JSON"
-            )
-        if failure.kind == "unexpected":
-            return ProviderError(
-                f"the program of variant {variant!r} failed: {failure.message.split(':')[0]}"
-            )
-        status = f" (HTTP {failure.status})" if failure.status else ""
-        return ProviderError(f"model {spec.key!r} failed{status}: {failure.kind}")
-
-
-def _completion_limit(options: dict[str, Any], spec: ModelSpec) -> int:
-    """The most tokens a completion may have: the request's max_tokens, capped by the model's."""
-    cap = spec.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS
-    requested = options.get("max_tokens")
-    return min(int(requested), cap) if requested is not None else cap
 
 
 def _cacheable(route: Route) -> bool:
