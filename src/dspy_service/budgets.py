@@ -33,7 +33,6 @@ from dspy_service.models_config import BudgetsConfig
 from dspy_service.redis_batches import BatchWriter, Command
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 
-SPEND_PREFIX = KEY_PREFIX + "spend:"
 SPEND_EXPIRY_SECS = 48 * 3600
 _DAY_SECS = 86_400
 
@@ -83,6 +82,7 @@ class Budgets:
         self._models = {name: limit.daily_usd for name, limit in config.models.items()}
         self._tenants = {name: limit.daily_usd for name, limit in config.tenants.items()}
         self._link = link
+        self._spend_prefix = (link.prefix if link is not None else KEY_PREFIX) + "spend:"
         self._metrics = metrics
         self._refresh_secs = refresh_secs
         self._clock = clock
@@ -109,7 +109,7 @@ class Budgets:
         day = datetime.fromtimestamp(self._clock(), UTC).date().isoformat()
         if day != self._day:
             self._start_day(day)
-        return f"{SPEND_PREFIX}{day}:{scope}:{name}"
+        return f"{self._spend_prefix}{day}:{scope}:{name}"
 
     def _start_day(self, day: str) -> None:
         """A new UTC day: yesterday's figures go (unsent spend of yesterday is still sent)."""

@@ -16,14 +16,12 @@ import orjson
 from cachetools import TTLCache
 
 from dspy_service.metrics import Metrics
-from dspy_service.redis_link import KEY_PREFIX, RedisLink
+from dspy_service.redis_link import RedisLink
 
 if TYPE_CHECKING:
     from dspy_service.tracing import Tracing
 
 CacheLevel = Literal["memory", "redis"]
-
-CACHE_KEY_PREFIX = KEY_PREFIX + "cache:"
 
 
 def cache_namespace(*, service_name: str, provider: str, dspy_version: str) -> str:
@@ -156,6 +154,7 @@ class RedisCache:
 
     def __init__(self, link: RedisLink, ttl_secs: int) -> None:
         self._link = link
+        self._prefix = link.prefix + "cache:"
         self._ttl = ttl_secs
         self._waiting: list[tuple[str, asyncio.Future[bytes | None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -170,7 +169,7 @@ class RedisCache:
         future: asyncio.Future[bytes | None] = loop.create_future()
         if not self._waiting:
             loop.call_soon(self._send_batch)
-        self._waiting.append((CACHE_KEY_PREFIX + key, future))
+        self._waiting.append((self._prefix + key, future))
         raw = await future
         if raw is None:
             return None
@@ -197,7 +196,7 @@ class RedisCache:
                     future.set_result(value if isinstance(value, bytes) else None)
 
     async def set(self, key: str, payload: bytes) -> None:
-        await self._link.call(lambda client: client.set(CACHE_KEY_PREFIX + key, payload, ex=self._ttl))
+        await self._link.call(lambda client: client.set(self._prefix + key, payload, ex=self._ttl))
 
 
 class TwoLevelCache:

@@ -23,9 +23,6 @@ from dspy_service.redis_batches import BatchWriter, Command
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 from dspy_service.timefmt import utc_now_iso
 
-COSTS_PREFIX = KEY_PREFIX + "costs:"
-COSTS_INDEX = KEY_PREFIX + "costs-index"
-
 _log = get_logger("dspy_service.costs")
 
 PriceLookup = Callable[[str], "Price | None"]
@@ -164,7 +161,10 @@ class CostLedger:
         self._interval = flush_interval_secs
         self._local: dict[str, CostTotals] = {}
         self._pending: dict[str, CostTotals] = {}
-        self._writer = BatchWriter(link, "costs", _increments) if link is not None else None
+        prefix = link.prefix if link is not None else KEY_PREFIX
+        self._rows_prefix = prefix + "costs:"  # a hash per row
+        self._index = prefix + "costs-index"  # the set of row names
+        self._writer = BatchWriter(link, "costs", self._increments) if link is not None else None
         self._task: asyncio.Task[None] | None = None
 
     def record_miss(
@@ -265,10 +265,10 @@ class CostLedger:
             await self.flush()
 
             async def read(client: Any) -> dict[str, CostTotals]:
-                names = sorted(member.decode() for member in await client.smembers(COSTS_INDEX))
+                names = sorted(member.decode() for member in await client.smembers(self._index))
                 pipe = client.pipeline(transaction=False)
                 for name in names:
-                    pipe.hgetall(COSTS_PREFIX + name)
+                    pipe.hgetall(self._rows_prefix + name)
                 rows = await pipe.execute()
                 return {name: CostTotals.from_redis(row) for name, row in zip(names, rows, strict=True)}
 
@@ -279,18 +279,19 @@ class CostLedger:
                 return {name: totals.to_json() for name, totals in sorted(fleet.items())}, "fleet"
         return {name: totals.to_json() for name, totals in sorted(self._local.items())}, "replica"
 
-
-def _increments(batch: dict[str, CostTotals]) -> list[Command]:
-    commands: list[Command] = []
-    for name, delta in batch.items():
-        key = COSTS_PREFIX + name
-        commands += [
-            ("HINCRBY", key, field, value) for field in _INT_FIELDS if (value := getattr(delta, field))
-        ]
-        commands += [
-            ("HINCRBYFLOAT", key, field, value) for field in _FLOAT_FIELDS if (value := getattr(delta, field))
-        ]
-        if delta.last_updated:
-            commands.append(("HSET", key, "last_updated", delta.last_updated))
-        commands.append(("SADD", COSTS_INDEX, name))
-    return commands
+    def _increments(self, batch: dict[str, CostTotals]) -> list[Command]:
+        commands: list[Command] = []
+        for name, delta in batch.items():
+            key = self._rows_prefix + name
+            commands += [
+                ("HINCRBY", key, field, value) for field in _INT_FIELDS if (value := getattr(delta, field))
+            ]
+            commands += [
+                ("HINCRBYFLOAT", key, field, value)
+                for field in _FLOAT_FIELDS
+                if (value := getattr(delta, field))
+            ]
+            if delta.last_updated:
+                commands.append(("HSET", key, "last_updated", delta.last_updated))
+            commands.append(("SADD", self._index, name))
+        return commands

@@ -27,7 +27,6 @@ from typing import Any
 from dspy_service.logs import get_logger
 from dspy_service.redis_link import KEY_PREFIX, RedisLink
 
-RATE_PREFIX = KEY_PREFIX + "ratelimit:"
 # Local counters keep at most this many identities per window; beyond it they start again from zero.
 _LOCAL_MAX_IDENTITIES = 100_000
 _EPSILON = 1e-9  # the weighted count is a float: a request exactly at the limit must not fail on rounding
@@ -51,6 +50,7 @@ class RateLimiter:
         self.limit = limit
         self.period = period_secs
         self._link = link
+        self._prefix = (link.prefix if link is not None else KEY_PREFIX) + "ratelimit:"
         self._clock = clock
         self._window = 0
         self._current: dict[str, int] = {}
@@ -80,7 +80,7 @@ class RateLimiter:
         if not self._waiting:
             loop.call_soon(self._send_batch)
         self._waiting.append(
-            (f"{RATE_PREFIX}{identity}:{window}", f"{RATE_PREFIX}{identity}:{window - 1}", weight, future)
+            (f"{self._prefix}{identity}:{window}", f"{self._prefix}{identity}:{window - 1}", weight, future)
         )
         return await future
 

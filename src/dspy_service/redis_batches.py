@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from dspy_service.redis_link import KEY_PREFIX, RedisLink
+from dspy_service.redis_link import RedisLink
 
 # A writer's marker only has to outlive the time between Redis applying a batch and our resend,
 # which follows as soon as Redis answers again; a day is ample and leaves one small key per process.
@@ -56,7 +56,7 @@ class BatchWriter(Generic[BatchT]):
     ) -> None:
         self._link = link
         self._commands = commands
-        self._marker = f"{KEY_PREFIX}batch:{purpose}:{uuid.uuid4().hex}"
+        self._marker = f"{link.prefix}batch:{purpose}:{uuid.uuid4().hex}"
         self._script = link.client.register_script(_APPLY_ONCE)
         self._lock = asyncio.Lock()
         self._in_doubt: tuple[str, BatchT] | None = None

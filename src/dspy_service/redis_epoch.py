@@ -14,10 +14,8 @@ from typing import Any
 
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
-from dspy_service.redis_link import KEY_PREFIX, RedisLink
+from dspy_service.redis_link import RedisLink
 from dspy_service.timefmt import utc_now_iso
-
-EPOCH_KEY = KEY_PREFIX + "epoch"
 
 _log = get_logger("dspy_service.redis_epoch")
 
@@ -25,6 +23,7 @@ _log = get_logger("dspy_service.redis_epoch")
 class StateEpoch:
     def __init__(self, link: RedisLink, metrics: Metrics) -> None:
         self._link = link
+        self._key = link.prefix + "epoch"
         self._metrics = metrics
         self.since: str | None = None  # when the state Redis's counters began, as far as we know
 
@@ -32,8 +31,8 @@ class StateEpoch:
         """Read (or start) the epoch; a change from the one seen before is a lost state."""
 
         async def read_or_start(client: Any) -> Any:
-            await client.set(EPOCH_KEY, utc_now_iso(), nx=True)
-            return await client.get(EPOCH_KEY)
+            await client.set(self._key, utc_now_iso(), nx=True)
+            return await client.get(self._key)
 
         raw = await self._link.call(read_or_start)
         if raw is None:

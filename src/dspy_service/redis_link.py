@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -34,6 +35,14 @@ from dspy_service.metrics import Metrics
 T = TypeVar("T")
 
 KEY_PREFIX = "dspy-service:v1:"
+
+
+def key_prefix(namespace: str) -> str:
+    """`dspy-service:v1:<namespace>:`, the namespace (SERVICE_NAME) made safe for a key."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", namespace)[:64]
+    return f"{KEY_PREFIX}{safe}:" if safe else KEY_PREFIX
+
+
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 # The failures that say Redis is unreachable (rather than refusing one command).
 _OUTAGES = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
@@ -54,6 +63,7 @@ class RedisLink:
         metrics: Metrics,
         redacted_url: str,
         role: str = "state",
+        namespace: str = "",
         probe_min_secs: float = 0.5,
         probe_max_secs: float = 5.0,
     ) -> None:
@@ -76,6 +86,9 @@ class RedisLink:
         self._closed = False
         self._listeners: list[Callable[[], Awaitable[None]]] = []
         self.role = role  # "state" (REDIS_URL) or "cache" (REDIS_CACHE_URL)
+        # Every key of this deployment starts with this: SERVICE_NAME keeps deployments (staging and
+        # production, say) apart when they share a Redis.
+        self.prefix = key_prefix(namespace)
         self._connected_gauge = metrics.redis_connected.labels(role)
         self._connected_gauge.set(0)
 

@@ -291,6 +291,7 @@ def build_services(
             timeout=settings.redis_timeout_secs,
             metrics=metrics,
             redacted_url=settings.redacted_redis_url(),
+            namespace=settings.service_name,
         )
     cache_link = link
     if settings.redis_cache_url is not None:
@@ -300,6 +301,7 @@ def build_services(
             metrics=metrics,
             redacted_url=settings.redacted_redis_cache_url() or "",
             role="cache",
+            namespace=settings.service_name,
         )
     cache = TwoLevelCache(
         MemoryCache(

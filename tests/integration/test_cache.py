@@ -13,6 +13,7 @@ import httpx
 
 from tests.integration.conftest import ServiceFactory
 from tests.support.processes import RedisServer, ServiceProcess, Simulator
+from tests.support.redis_keys import DEFAULT_PREFIX
 
 
 def unique(text: str = "question") -> str:
@@ -117,13 +118,14 @@ def test_memory_ttl_shorter_than_redis_ttl_falls_back_to_redis(
 def test_keys_live_under_one_versioned_prefix(
     shared_service: ServiceProcess, redis_server: RedisServer, sim: Simulator
 ) -> None:
-    """Cache entries in Redis are under `dspy-service:v1:cache:` and carry a TTL."""
+    """Cache entries in Redis are under `dspy-service:v1:<SERVICE_NAME>:cache:` and carry a TTL."""
     ask(shared_service, input=unique())
     reply = redis_server.command("KEYS", "*")
     keys = [line for line in reply.decode().split("\r\n") if line.startswith("dspy-service:")]
-    assert any(k.startswith("dspy-service:v1:cache:") for k in keys)
+    assert any(k.startswith(DEFAULT_PREFIX + "cache:") for k in keys)
+    # every key is versioned; this service's are under its SERVICE_NAME (others share this Redis)
     assert all(k.startswith("dspy-service:v1:") for k in keys)
-    cache_key = next(k for k in keys if k.startswith("dspy-service:v1:cache:"))
+    cache_key = next(k for k in keys if k.startswith(DEFAULT_PREFIX + "cache:"))
     ttl = int(redis_server.command("TTL", cache_key).decode().strip(":\r\n"))
     assert 0 < ttl <= 3600
 

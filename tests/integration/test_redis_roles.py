@@ -11,6 +11,7 @@ import pytest
 from tests.integration.conftest import ServiceFactory
 from tests.support.metrics_text import sample_value
 from tests.support.processes import RedisServer, Simulator, wait_until
+from tests.support.redis_keys import DEFAULT_PREFIX
 
 
 @pytest.fixture
@@ -36,11 +37,11 @@ def test_the_cache_can_live_on_its_own_redis_apart_from_the_state(
     question = f"where do I go {uuid.uuid4().hex}"
     assert service.http.post("/v1/predict", json={"model": "gpt-4", "input": question}).status_code == 200
     wait_until(
-        lambda: bool(keys(redis_server, "dspy-service:v1:costs:*")), timeout=5, what="costs in state Redis"
+        lambda: bool(keys(redis_server, DEFAULT_PREFIX + "costs:*")), timeout=5, what="costs in state Redis"
     )
-    assert keys(cache_redis, "dspy-service:v1:cache:*")
-    assert not keys(redis_server, "dspy-service:v1:cache:*")
-    assert not keys(cache_redis, "dspy-service:v1:costs:*")
+    assert keys(cache_redis, DEFAULT_PREFIX + "cache:*")
+    assert not keys(redis_server, DEFAULT_PREFIX + "cache:*")
+    assert not keys(cache_redis, DEFAULT_PREFIX + "costs:*")
 
     cache_redis.kill()
     other = service.http.post("/v1/predict", json={"model": "gpt-4", "input": f"{question} again"})
@@ -76,3 +77,31 @@ def test_a_state_redis_that_comes_back_empty_is_noticed(
     assert costs.headers["x-costs-scope"] == "fleet"
     assert costs.headers["x-costs-since"] > first
     assert sample_value(service.http.get("/metrics").text, "dspy_redis_state_lost_total") == 1
+
+
+def test_deployments_sharing_a_redis_keep_apart(
+    service_factory: ServiceFactory, sim: Simulator, redis_server: RedisServer
+) -> None:
+    """Staging and production (SERVICE_NAME) on one Redis: neither serves the other's answers nor
+    counts the other's costs; nor does a service on the built-in simulator serve a real provider's
+    (the key covers the provider endpoint)."""
+    redis_server.command("FLUSHALL")
+    staging = service_factory("staging", SERVICE_NAME="staging")
+    production = service_factory("production", SERVICE_NAME="production")
+    question = f"shared Redis {uuid.uuid4().hex}"
+    body = {"model": "gpt-4", "input": question}
+    assert staging.http.post("/v1/predict", json=body).json()["metadata"]["cache_level"] is None
+    assert production.http.post("/v1/predict", json=body).json()["metadata"]["cache_level"] is None
+    assert staging.http.post("/v1/predict", json=body).json()["metadata"]["cache_level"] == "memory"
+    wait_until(
+        lambda: staging.http.get("/costs").json().get("gpt-4:baseline", {}).get("total_requests") == 2,
+        timeout=5,
+        what="staging's own totals",
+    )
+    assert production.http.get("/costs").json()["gpt-4:baseline"]["total_requests"] == 1
+
+    simulated = service_factory(
+        "simulated", SERVICE_NAME="production", OPENAI_API_KEY="", OPENAI_BASE_URL="", SIMULATOR_PORT="0"
+    )
+    answer = simulated.http.post("/v1/predict", json=body).json()
+    assert answer["metadata"]["cache_level"] is None  # not production's answer from the real provider
