@@ -150,3 +150,15 @@ def test_memory_stays_bounded_by_bytes_with_many_large_answers(
     print(f"2,000 answers of ~100 kB in {took:.1f} s: RSS {before:.0f} MB -> {after:.0f} MB (bound 32 MB)")
     assert statuses == [200] * 2000
     assert after - before < 32 + 40  # the bound, plus what the allocator keeps of freed answers
+
+
+def test_lm_options_written_differently_share_one_key(
+    service_factory: ServiceFactory, sim: Simulator
+) -> None:
+    """`max_tokens: 5` and `5.0`, `temperature: 0` and `0.0`, are one request: the second is a hit."""
+    service = service_factory()
+    question = f"normalised {uuid.uuid4().hex}"
+    first = {"model": "gpt-4", "input": question, "parameters": {"max_tokens": 50, "temperature": 0}}
+    second = {"model": "gpt-4", "input": question, "parameters": {"temperature": 0.0, "max_tokens": 50.0}}
+    assert service.http.post("/v1/predict", json=first).json()["metadata"]["cache_level"] is None
+    assert service.http.post("/v1/predict", json=second).json()["metadata"]["cache_level"] == "memory"

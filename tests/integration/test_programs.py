@@ -45,6 +45,7 @@ variants:
   typed: {module: "qa_bot.typed:TypedProfile", output_field: customer}
   code: {module: "qa_bot.typed:CodeOnly"}
   unencodable: {module: "qa_bot.typed:Unencodable"}
+  surrogate: {module: "qa_bot.typed:LoneSurrogate"}
   agent: {module: "qa_bot.agent:make_agent"}
   broken_agent: {module: "qa_bot.agent:make_broken_agent"}
   plain: {signature: "question -> answer"}
@@ -229,11 +230,15 @@ def test_a_program_without_lm_calls_answers_with_zero_tokens(
     assert sim.stats()["calls"] == 0
 
 
-def test_an_output_that_cannot_be_json_is_a_502_and_not_cached(programs_service: ServiceProcess) -> None:
-    """An integer beyond 64 bits is refused as the program's failure, and nothing is cached."""
+@pytest.mark.parametrize("variant", ["unencodable", "surrogate"])
+def test_an_output_that_cannot_be_json_is_a_502_and_not_cached(
+    programs_service: ServiceProcess, variant: str
+) -> None:
+    """An integer beyond 64 bits, a lone surrogate: refused as the program's failure (502, never a
+    500), and nothing is cached (the same request fails the same way again)."""
     question = unique("big")
     for _ in range(2):
-        response = predict(programs_service, variant="unencodable", inputs={"question": question})
+        response = predict(programs_service, variant=variant, inputs={"question": question})
         assert response.status_code == 502, response.text
         assert "cannot be encoded as JSON" in response.json()["error"]["message"]
 

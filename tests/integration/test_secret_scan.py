@@ -107,3 +107,18 @@ def test_no_secret_appears_in_any_response_header_or_log_line(
     lines = len(log.splitlines())
     print(f"secret scan: {len(responses)} responses and {lines} log lines, {len(found)} secrets found")
     assert found == []
+
+
+def test_an_unparsable_redis_url_is_a_clean_error_that_does_not_echo_it(tmp_path: Path) -> None:
+    """A password with a `/` breaks the URL: start-up stops (exit 2) saying how to encode it, with
+    no traceback and nothing of the password."""
+    from tests.support.processes import run_service_expecting_failure
+
+    code, output = run_service_expecting_failure(
+        {"REDIS_URL": "redis://:pa55/w0rd-SECRET@127.0.0.1:6379/0", "OPENAI_API_KEY": "k"}, tmp_path
+    )
+    assert code == 2, output
+    assert "REDIS_URL cannot be parsed" in output
+    assert "w0rd-SECRET" not in output
+    assert "pa55" not in output
+    assert "Traceback" not in output

@@ -54,3 +54,10 @@ class Unencodable(dspy.Module):  # type: ignore[misc]
 
     def forward(self, question: str) -> dspy.Prediction:
         return dspy.Prediction(answer=2**70)
+
+
+class LoneSurrogate(dspy.Module):  # type: ignore[misc]
+    """Answers with a string holding a lone surrogate, which is not valid UTF-8 and so not JSON."""
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return dspy.Prediction(answer="half a character: \ud800")
