@@ -294,21 +294,8 @@ class Predictor:
         latency = time.perf_counter() - started
         metrics.success.inc()
         metrics.duration_none.observe(latency)
-        if coalesced:
-            # Another request's upstream call answered this one: it spent nothing of its own.
-            self._ledger.record_hit(metrics.ledger_name, answer.cost_usd, request.tenant)
-            if answer.cost_usd:
-                metrics.saved.inc(answer.cost_usd)
-            return Prediction(
-                model=request.model,
-                model_served=answer.model_served,
-                variant=variant,
-                output=answer.output,
-                outputs=answer.outputs,
-                latency_ms=latency * 1000,
-                coalesced=True,
-                cost_saved_usd=answer.cost_usd,
-            )
+        if coalesced:  # another request's upstream call answered this one
+            return self._spent_nothing(request, metrics, variant, answer, latency, coalesced=True)
         return Prediction(
             model=request.model,
             model_served=answer.model_served,
@@ -334,18 +321,34 @@ class Predictor:
         latency = time.perf_counter() - started
         metrics.success.inc()
         (metrics.duration_memory if level == "memory" else metrics.duration_redis).observe(latency)
-        if hit.cost_usd:
-            metrics.saved.inc(hit.cost_usd)
-        self._ledger.record_hit(metrics.ledger_name, hit.cost_usd, request.tenant)
+        return self._spent_nothing(request, metrics, variant, hit, latency, cache_level=level)
+
+    def _spent_nothing(
+        self,
+        request: PredictionInput,
+        metrics: RouteMetrics,
+        variant: str,
+        answer: CachedAnswer,
+        latency: float,
+        *,
+        cache_level: str | None = None,
+        coalesced: bool = False,
+    ) -> Prediction:
+        """A request answered by work already paid for (a cache hit, another request's call): it
+        spends nothing, and what the answer cost is what it saved."""
+        if answer.cost_usd:
+            metrics.saved.inc(answer.cost_usd)
+        self._ledger.record_hit(metrics.ledger_name, answer.cost_usd, request.tenant)
         return Prediction(
             model=request.model,
-            model_served=hit.model_served,
+            model_served=answer.model_served,
             variant=variant,
-            output=hit.output,
-            outputs=hit.outputs,
+            output=answer.output,
+            outputs=answer.outputs,
             latency_ms=latency * 1000,
-            cache_level=level,
-            cost_saved_usd=hit.cost_usd,
+            cache_level=cache_level,
+            coalesced=coalesced,
+            cost_saved_usd=answer.cost_usd,
         )
 
     async def _call_upstream(self, key: str | None, route: Route) -> tuple[CachedAnswer, PricedSpend]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from dspy_service.api.responses import send_json
 from dspy_service.logs import get_logger
 from dspy_service.models_config import ModelsConfig, VariantSpec
 from dspy_service.programs import FieldSpec, LoadedProgram
@@ -173,18 +174,7 @@ class RenderedJSON:
         return self._rendered[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = self.body()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, self.body())
 
 
 class ProgramsEndpoint(RenderedJSON):

@@ -35,14 +35,21 @@ async def send_error(
     extra = list(headers)
     if exc.retry_after is not None:
         extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    await send_json(send, body, exc.status, extra)
+
+
+async def send_json(
+    send: Send, body: bytes, status: int = 200, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """One JSON response, already encoded, straight from ASGI (the hot routes skip Starlette's)."""
     await send(
         {
             "type": "http.response.start",
-            "status": exc.status,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                *extra,
+                *headers,
             ],
         }
     )

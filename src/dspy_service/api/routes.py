@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dspy_service.api.deps import is_operator, require_operator, services_of
-from dspy_service.api.responses import JSONResponse
+from dspy_service.api.responses import JSONResponse, send_json
 from dspy_service.api.schemas import PredictRequest, describe_validation_error
 from dspy_service.costs import rows_of
 from dspy_service.errors import InvalidRequest
@@ -127,18 +127,7 @@ class PredictEndpoint:
         finally:
             lifecycle.in_flight -= 1
         log_result(state["log"], result)
-        body = orjson.dumps(prediction_body(state["request_id"], result))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, orjson.dumps(prediction_body(state["request_id"], result)))
 
 
 async def costs(request: Request) -> Response:
