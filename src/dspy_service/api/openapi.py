@@ -254,8 +254,12 @@ def build_openapi(
     programs (each one's typed `inputs`)."""
     protected: dict[str, Any] = {"security": [{"bearerAuth": []}]} if auth else {}
     unauthorized = {"401": _error("missing or unknown API key", "WWW-Authenticate")} if auth else {}
+    # Operator-only routes: a client key gets 403 (api/deps.py require_operator).
+    forbidden = (
+        {"403": _error("a client key: this route is for operator keys (ADMIN_API_KEYS)")} if auth else {}
+    )
     metrics_protected = protected if not settings.metrics_public else {}
-    metrics_unauthorized = unauthorized if not settings.metrics_public else {}
+    metrics_unauthorized = {**unauthorized, **forbidden} if not settings.metrics_public else {}
     rate_limited = (
         {"429": _error("rate limit (RATE_LIMIT) or daily budget spent", "Retry-After")}
         if settings.rate_limit_rule is not None or config.budgets.models or config.budgets.tenants
@@ -346,7 +350,7 @@ def build_openapi(
         "/v1/experiments": get(
             "experiments",
             "A/B report per variant, from this replica's counters",
-            {"200": _ok("report", {"type": "object"}), **unauthorized},
+            {"200": _ok("report", {"type": "object"}), **unauthorized, **forbidden},
             **protected,
         ),
         "/health": get("health", "Liveness", {"200": _ok("serving", _HEALTH)}, security=[]),
@@ -367,7 +371,7 @@ def build_openapi(
         ),
         "/costs": get(
             "costs",
-            "Cost totals per model:variant",
+            "Cost totals per model:variant (a client key: its own tenant's)",
             {
                 "200": {
                     **_ok("totals", {"type": "object", "additionalProperties": _COST_TOTALS}),
@@ -393,7 +397,7 @@ def build_openapi(
         "/config": get(
             "config",
             "The effective configuration, secrets redacted",
-            {"200": _ok("configuration", {"type": "object"}), **unauthorized},
+            {"200": _ok("configuration", {"type": "object"}), **unauthorized, **forbidden},
             **protected,
         ),
         "/openapi.json": get(
@@ -403,6 +407,8 @@ def build_openapi(
             **protected,
         ),
     }
+    if settings.metrics_port:
+        del paths["/metrics"]  # served on METRICS_PORT, not here
     components: dict[str, Any] = {
         "schemas": {
             "Error": _error_schema(),
