@@ -50,11 +50,26 @@ def cache_key(
     and the equivalent `inputs` share a key; `parameters` are the checked LM options (`max_tokens`
     5 and 5.0 are one). `scope` is the tenant with CACHE_SCOPE=tenant, else None.
     """
-    material = orjson.dumps(
-        [namespace, scope, model, model_id, variant, program_fingerprint, inputs, parameters],
-        option=orjson.OPT_SORT_KEYS,
+    base = route_key(
+        namespace=namespace,
+        model=model,
+        model_id=model_id,
+        variant=variant,
+        program_fingerprint=program_fingerprint,
     )
-    return hashlib.blake2b(material, digest_size=20).hexdigest()
+    return request_key(base, scope, inputs, parameters)
+
+
+def route_key(*, namespace: str, model: str, model_id: str, variant: str, program_fingerprint: str) -> bytes:
+    """What the keys of one model and variant share (the predictor keeps it per route): it keys the
+    hash of each request's own part, so that part alone is hashed per request."""
+    material = orjson.dumps([namespace, model, model_id, variant, program_fingerprint])
+    return hashlib.blake2b(material, digest_size=32).digest()
+
+
+def request_key(base: bytes, scope: str | None, inputs: dict[str, Any], parameters: dict[str, Any]) -> str:
+    material = orjson.dumps([scope, inputs, parameters], option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(material, digest_size=20, key=base).hexdigest()
 
 
 _FORMAT = 2  # of a cached answer's bytes: entries of another format are misses

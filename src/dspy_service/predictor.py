@@ -23,7 +23,7 @@ import orjson
 from dspy_service.accounting import Accountant, PricedSpend, Spend
 from dspy_service.breaker import CircuitBreaker
 from dspy_service.budgets import Budgets
-from dspy_service.cache import CachedAnswer, TwoLevelCache, cache_key
+from dspy_service.cache import CachedAnswer, TwoLevelCache, request_key, route_key
 from dspy_service.costs import CostLedger, PriceLookup
 from dspy_service.errors import (
     BudgetExceeded,
@@ -104,6 +104,7 @@ class Predictor:
         self._stream_max = stream_max_secs or request_timeout_secs  # longest stream in all
         self._cache_namespace = cache_namespace  # deployment, provider, DSPy version (cache.py)
         self._tenant_scoped_cache = tenant_scoped_cache  # CACHE_SCOPE=tenant
+        self._route_keys: dict[tuple[str, str, str], bytes] = {}  # (model, variant, fingerprint) -> key base
         self._threads = threads  # runs programs that have only a synchronous forward
         self._budgets = budgets  # daily spend budgets: checked before a miss goes upstream
         self._tracing = tracing  # None: tracing is off
@@ -160,7 +161,7 @@ class Predictor:
             raise NotFound(f"unknown variant {variant!r}; known: {', '.join(sorted(self._programs))}")
         given, lm_options = split_parameters(request, program)
         inputs, canonical = program.inputs.validate(given)
-        pinned = tuple(config.models[key] for key in program.pinned_models)
+        pinned = tuple(config.models[key] for key in program.pinned_models) if program.pinned_models else ()
         return Route(
             model=model,
             program=program,
@@ -174,17 +175,21 @@ class Predictor:
         )
 
     def _cache_key(self, route: Route) -> str:
-        spec = route.model
-        return cache_key(
-            namespace=self._cache_namespace,
-            scope=route.tenant if self._tenant_scoped_cache else None,
-            model=spec.key,
-            model_id=f"{spec.name}@{spec.api_base}" if spec.api_base else spec.name,
-            variant=route.program.variant,
-            program_fingerprint=route.program.fingerprint,
-            inputs=route.canonical_inputs,
-            parameters=route.lm_options,
-        )
+        spec, program = route.model, route.program
+        marker = (spec.key, program.variant, program.fingerprint)
+        base = self._route_keys.get(marker)
+        if base is None:
+            base = route_key(
+                namespace=self._cache_namespace,
+                model=spec.key,
+                model_id=f"{spec.name}@{spec.api_base}" if spec.api_base else spec.name,
+                variant=program.variant,
+                program_fingerprint=program.fingerprint,
+            )
+            if len(self._route_keys) < 4096:
+                self._route_keys[marker] = base
+        scope = route.tenant if self._tenant_scoped_cache else None
+        return request_key(base, scope, route.canonical_inputs, route.lm_options)
 
     async def predict(self, request: PredictionInput) -> Prediction:
         started = time.perf_counter()

@@ -11,7 +11,9 @@ from dspy_service.models_config import ModelsConfig, ModelSpec
 from dspy_service.programs import LM_OPTIONS, LanguageModels, LoadedProgram
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, about three times the
+# cost of a plain one, and one is built on every request (a memory hit included). Never mutated.
+@dataclass(slots=True)
 class PredictionInput:
     model: str
     variant: str | None
@@ -23,7 +25,9 @@ class PredictionInput:
     tenant: str | None = None  # from the API key; its daily budget applies
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, about three times the
+# cost of a plain one, and one is built on every request (a memory hit included). Never mutated.
+@dataclass(slots=True)
 class Route:
     """A request resolved: the model it asked for, the program, the values to call it with, their
     canonical form (for the cache key) and the LM options."""

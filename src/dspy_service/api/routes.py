@@ -78,7 +78,14 @@ async def read_prediction_input(
 
 
 def prediction_input(parsed: PredictRequest, tenant: str | None) -> PredictionInput:
-    """A validated request body (a single request's or a batch item's) as the predictor's input."""
+    """A validated request body (a single request's or a batch item's) as the predictor's input.
+    (`input` or `inputs`, exactly one, is checked here rather than by a pydantic model validator:
+    a plain comparison, not a validator call, on every request.)"""
+    if (parsed.input is None) == (parsed.inputs is None):
+        raise InvalidRequest(
+            "give `input` (the first input field) or `inputs` (the input fields by name), not "
+            + ("both" if parsed.input is not None else "neither")
+        )
     return PredictionInput(
         model=parsed.model,
         variant=parsed.variant,

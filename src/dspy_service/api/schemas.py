@@ -12,7 +12,6 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
@@ -64,15 +63,6 @@ class PredictRequest(BaseModel):
     def _parameters_are_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
         check_parameter_values(value)
         return value
-
-    @model_validator(mode="after")
-    def _input_or_inputs(self) -> PredictRequest:
-        if (self.input is None) == (self.inputs is None):
-            raise ValueError(
-                "give `input` (the first input field) or `inputs` (the input fields by name), not "
-                + ("both" if self.input is not None else "neither")
-            )
-        return self
 
 
 class BatchRequest(BaseModel):

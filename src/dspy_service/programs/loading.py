@@ -68,6 +68,7 @@ class LoadedProgram:
     state_file: str | None = None
     loaded_at: str = ""
     callbacks: tuple[Any, ...] = ()  # DSPy callbacks to run it with (tools.ToolObserver)
+    pinned_models: tuple[str, ...] = ()  # the models its pinned predictors call, each once
 
     @property
     def input_fields(self) -> tuple[str, ...]:
@@ -76,10 +77,6 @@ class LoadedProgram:
     @property
     def output_fields(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.output_specs)
-
-    @property
-    def pinned_models(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(p.model for p in self.predictors if p.model is not None))
 
 
 def use_program_dirs(dirs: Sequence[Path]) -> None:
@@ -340,6 +337,7 @@ def load_program(spec: VariantSpec, source: str, *, callbacks: tuple[Any, ...] =
         state_file=str(spec.program) if spec.program is not None else None,
         loaded_at=utc_now_iso(),
         callbacks=callbacks if tools else (),
+        pinned_models=tuple(dict.fromkeys(pins.values())),
     )
     _log.info(
         "program.loaded",
