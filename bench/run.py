@@ -10,7 +10,7 @@ only, through the service and, with no service, driven by DSPy in one asyncio lo
 bench/results/latest.json and latest.md. It reports; it never fails on a missed target, and exits
 non-zero only when it could not run at all.
 
-    python -m bench.run                      # the default: ~5 minutes, more on a busy machine
+    python -m bench.run                      # the default: ~8 minutes, more on a busy machine
     python -m bench.run --quick              # a smoke run: ~1-2 minutes
     python -m bench.run --duration 10 --repeat 5 --profile
     python -m bench.run --scenarios miss_50ms,direct_50ms --startups 0   # the miss path alone
@@ -736,7 +736,7 @@ def run_all(options: Options, results: BenchResults) -> None:
                 plan.append((baseline_of(scenario), baseline))
         bench.measure(plan)
         if options.profile:
-            for scenario in (MEMORY_HIT, REDIS_HIT, MISS_0, MODULE_ASYNC, MODULE_ASYNC_DSPY, MODULE_SYNC):
+            for scenario in (MEMORY_HIT, REDIS_HIT, MISS_0, *MODULE_SCENARIOS):
                 server = server_of[scenario.key][0]
                 if scenario.key in wanted and server is not None:
                     bench.profile(scenario, server)
