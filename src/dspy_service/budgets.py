@@ -67,6 +67,7 @@ class Hold:
 
     amounts: dict[str, float]  # Redis key -> USD held
     models: dict[str, str]  # Redis key -> model it counts (keys of tenant budgets are absent)
+    budgets: tuple[_Limit, ...] = ()  # the (scope, name, limit) of each, for the spent-ratio gauge
 
 
 class Budgets:
@@ -97,14 +98,6 @@ class Budgets:
     def __bool__(self) -> bool:
         return bool(self._models or self._tenants)
 
-    def _limits(self, model: str, tenant: str | None) -> list[_Limit]:
-        limits = []
-        if (model_limit := self._models.get(model)) is not None:
-            limits.append(("model", model, model_limit))
-        if tenant is not None and (tenant_limit := self._tenants.get(tenant)) is not None:
-            limits.append(("tenant", tenant, tenant_limit))
-        return limits
-
     def _key(self, scope: str, name: str) -> str:
         day = datetime.fromtimestamp(self._clock(), UTC).date().isoformat()
         if day != self._day:
@@ -128,21 +121,6 @@ class Budgets:
         """What this replica has counted under `key` that Redis has not confirmed."""
         in_doubt = self._writer.in_doubt if self._writer is not None else None
         return self._pending.get(key, 0.0) + (in_doubt.get(key, 0.0) if in_doubt else 0.0)
-
-    async def check(self, model: str, tenant: str | None) -> None:
-        """Raise BudgetExceeded when the model's or the tenant's budget for today is spent."""
-        limits = self._limits(model, tenant)
-        if not limits:
-            return
-        await self._read_fleet([self._key(scope, name) for scope, name, _ in limits])
-        for scope, name, limit in limits:
-            spent = self._publish(scope, name, limit)
-            if spent >= limit:
-                raise BudgetExceeded(
-                    f"the daily budget of {scope} {name!r} ({limit:g} USD) is spent; "
-                    "cached answers are still served",
-                    retry_after=self.seconds_to_midnight(),
-                )
 
     async def reserve(self, charges: dict[str, float], tenant: str | None) -> Hold | None:
         """Hold each model's worst-case cost (`charges`: model -> USD) against its budget and their
@@ -180,6 +158,7 @@ class Budgets:
         return Hold(
             amounts=dict(zip(keys, amounts, strict=True)),
             models={key: model for key, (*_, model) in zip(keys, limits, strict=True) if model is not None},
+            budgets=tuple((scope, name, limit) for scope, name, limit, *_ in limits),
         )
 
     async def _reserve_in_redis(
@@ -219,6 +198,8 @@ class Budgets:
             delta = max(0.0, actual - held) if unknown else actual - held
             if delta:
                 self._pending[key] = self._pending.get(key, 0.0) + delta
+        for scope, name, limit in hold.budgets:
+            self._publish(scope, name, limit)  # the gauge shows the settled figure, not the hold
         self._send_soon()
 
     def _send_soon(self) -> None:
@@ -226,18 +207,6 @@ class Budgets:
             task = asyncio.get_running_loop().create_task(self.flush(), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def record(self, model: str, tenant: str | None, usd: float | None) -> None:
-        """Add a call's cost to every budget it counts against; sent to Redis right away."""
-        if not usd or usd <= 0:
-            return
-        limits = self._limits(model, tenant)
-        for scope, name, limit in limits:
-            key = self._key(scope, name)
-            self._pending[key] = self._pending.get(key, 0.0) + usd
-            self._publish(scope, name, limit)
-        if limits:
-            self._send_soon()
 
     def _publish(self, scope: str, name: str, limit: float) -> float:
         spent = self.spent(scope, name)

@@ -40,13 +40,13 @@ from dspy_service.metrics import Metrics, RouteMetrics
 from dspy_service.models_config import ModelsConfig, ModelSpec
 from dspy_service.programs import (
     LanguageModels,
+    LoadedProgram,
     ProgramFailed,
     ProgramRun,
     ProgramThreads,
     run_program,
     stream_program,
 )
-from dspy_service.programs import LoadedProgram as LoadedProgram
 from dspy_service.results import Prediction, StreamChunk
 from dspy_service.routing import PredictionInput, Route, split_parameters
 from dspy_service.tracing import Tracing

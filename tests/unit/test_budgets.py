@@ -70,44 +70,46 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 async def test_a_spent_budget_refuses_until_utc_midnight() -> None:
-    """Under budget: allowed; once spent: BudgetExceeded with Retry-After = seconds to midnight."""
+    """A hold that fits is taken and settled to what was spent; one that would go over is refused
+    with BudgetExceeded and Retry-After = seconds to midnight; the next UTC day starts from zero."""
     clock = Clock(NOON)
     budgets, metrics = budgets_for(BudgetsConfig.model_validate({"models": {"m": {"daily_usd": 1}}}), clock)
-    await budgets.check("m", None)
-    budgets.record("m", None, 0.6)
+    budgets.settle(await budgets.reserve({"m": 0.8}, None), {"m": 0.6}, unknown=False)
     assert ratio(metrics, "model", "m") == pytest.approx(0.6)
-    await budgets.check("m", None)
-    budgets.record("m", None, 0.4)
+    budgets.settle(await budgets.reserve({"m": 0.4}, None), {"m": 0.4}, unknown=False)
+    assert budgets.spent("model", "m") == pytest.approx(1.0)
     with pytest.raises(BudgetExceeded) as caught:
-        await budgets.check("m", None)
+        await budgets.reserve({"m": 0.01}, None)
     assert caught.value.retry_after == pytest.approx(43_200)
     assert caught.value.status == 429
-    await budgets.check("n", None)  # a model without a budget is never refused
+    assert budgets.spent("model", "m") == pytest.approx(1.0)  # a refused hold holds nothing
+    assert await budgets.reserve({"n": 5}, None) is None  # a model without a budget is never refused
     clock.now = NOON + 43_200  # the next UTC day starts from zero
-    await budgets.check("m", None)
     assert budgets.spent("model", "m") == 0
+    assert await budgets.reserve({"m": 0.9}, None) is not None
 
 
 async def test_tenant_budgets_count_only_their_tenant() -> None:
-    """A tenant's spend counts against its own budget, whatever the model; others are unaffected."""
+    """A tenant's holds count against its own budget, whatever the model; others are unaffected."""
     config = BudgetsConfig.model_validate({"tenants": {"acme": {"daily_usd": 0.5}}})
     budgets, metrics = budgets_for(config, Clock(NOON))
-    budgets.record("m", "acme", 0.3)
-    budgets.record("n", "acme", 0.3)
-    budgets.record("m", "beta", 5)
-    budgets.record("m", None, 5)
+    budgets.settle(await budgets.reserve({"m": 0.3}, "acme"), {"m": 0.3}, unknown=False)
     with pytest.raises(BudgetExceeded, match="acme"):
-        await budgets.check("m", "acme")
-    await budgets.check("m", "beta")
-    await budgets.check("m", None)
-    assert ratio(metrics, "tenant", "acme") == pytest.approx(1.2)
+        await budgets.reserve({"n": 0.3}, "acme")
+    assert await budgets.reserve({"m": 5}, "beta") is None
+    assert await budgets.reserve({"m": 5}, None) is None
+    assert ratio(metrics, "tenant", "acme") == pytest.approx(0.6)
 
 
-async def test_unknown_cost_and_zero_cost_change_nothing() -> None:
-    """A call with no known price (None) or no cost is not counted (and is not an error)."""
+async def test_unknown_spend_keeps_its_hold_and_nothing_sent_gives_it_back() -> None:
+    """Settled with nothing spent, a hold is given back; with the spend unknown (a cut-off call) it
+    is kept whole, and a larger reported spend is added on top."""
     budgets, _ = budgets_for(BudgetsConfig.model_validate({"models": {"m": {"daily_usd": 1}}}), Clock(NOON))
-    budgets.record("m", None, None)
-    budgets.record("m", None, 0.0)
+    budgets.settle(await budgets.reserve({"m": 0.5}, None), {}, unknown=False)
     assert budgets.spent("model", "m") == 0
+    budgets.settle(await budgets.reserve({"m": 0.5}, None), {"m": 0.1}, unknown=True)
+    assert budgets.spent("model", "m") == pytest.approx(0.5)
+    budgets.settle(await budgets.reserve({"m": 0.2}, None), {"m": 0.3}, unknown=True)
+    assert budgets.spent("model", "m") == pytest.approx(0.8)
     assert bool(budgets)
     assert not bool(budgets_for(BudgetsConfig(), Clock(NOON))[0])

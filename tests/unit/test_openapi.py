@@ -13,7 +13,6 @@ import orjson
 import pydantic
 import pytest
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]  # no stubs installed
-from pydantic_core import core_schema
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -25,6 +24,7 @@ from dspy_service.models_config import ModelsConfig, VariantSpec, load_models_co
 from dspy_service.programs import FieldSpec, InputSchema, LoadedProgram, load_program
 from dspy_service.routing import split_parameters
 from dspy_service.settings import DEFAULT_MODELS_CONFIG, Settings
+from tests.support.schema_types import Unruly
 
 TYPED = "question: str, tags: list[str], level: Literal['low','high'] -> answer"
 NUMBERS = "question: str, score: float, urgent: bool -> answer"
@@ -47,18 +47,6 @@ class Customer(pydantic.BaseModel):
 
 class Opaque:
     """No JSON Schema describes it."""
-
-
-class Unruly:
-    """A type whose JSON Schema hook raises something pydantic does not."""
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.any_schema()
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> dict[str, Any]:
-        raise RuntimeError("cannot describe myself")
 
 
 @pytest.fixture(autouse=True)

@@ -7,18 +7,18 @@ import gc
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import orjson
 import pydantic
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]  # no stubs installed
-from pydantic_core import core_schema
 
 from dspy_service.api.openapi import OpenAPIEndpoint
 from dspy_service.api.programs import ProgramsEndpoint, describe_program, inputs_schema
 from dspy_service.models_config import ModelsConfig
 from dspy_service.programs import FieldSpec, InputSchema, LoadedProgram
 from dspy_service.settings import Settings
+from tests.support.schema_types import Unruly
 
 if TYPE_CHECKING:
     from dspy_service.services import Services
@@ -31,18 +31,6 @@ class Ticket(pydantic.BaseModel):
 class Other:
     class Ticket(pydantic.BaseModel):  # the same name, another model
         number: int
-
-
-class Unruly:
-    """A type whose JSON Schema hook raises something pydantic does not."""
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.any_schema()
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> dict[str, Any]:
-        raise RuntimeError("cannot describe myself")
 
 
 class Module:
