@@ -83,7 +83,7 @@ class Budgets:
         self._models = {name: limit.daily_usd for name, limit in config.models.items()}
         self._tenants = {name: limit.daily_usd for name, limit in config.tenants.items()}
         self._link = link
-        self._spend_prefix = (link.prefix if link is not None else KEY_PREFIX) + "spend:"
+        self._spend_prefix = (link.state_prefix if link is not None else KEY_PREFIX) + "spend:"
         self._metrics = metrics
         self._refresh_secs = refresh_secs
         self._clock = clock

@@ -161,7 +161,7 @@ class CostLedger:
         self._interval = flush_interval_secs
         self._local: dict[str, CostTotals] = {}
         self._pending: dict[str, CostTotals] = {}
-        prefix = link.prefix if link is not None else KEY_PREFIX
+        prefix = link.state_prefix if link is not None else KEY_PREFIX
         self._rows_prefix = prefix + "costs:"  # a hash per row
         self._index = prefix + "costs-index"  # the set of row names
         self._writer = BatchWriter(link, "costs", self._increments) if link is not None else None

@@ -56,7 +56,7 @@ class BatchWriter(Generic[BatchT]):
     ) -> None:
         self._link = link
         self._commands = commands
-        self._marker = f"{link.prefix}batch:{purpose}:{uuid.uuid4().hex}"
+        self._marker = f"{link.state_prefix}batch:{purpose}:{uuid.uuid4().hex}"
         self._script = link.client.register_script(_APPLY_ONCE)
         self._lock = asyncio.Lock()
         self._in_doubt: tuple[str, BatchT] | None = None

@@ -23,7 +23,7 @@ _log = get_logger("dspy_service.redis_epoch")
 class StateEpoch:
     def __init__(self, link: RedisLink, metrics: Metrics) -> None:
         self._link = link
-        self._key = link.prefix + "epoch"
+        self._key = link.state_prefix + "epoch"
         self._metrics = metrics
         self.since: str | None = None  # when the state Redis's counters began, as far as we know
 

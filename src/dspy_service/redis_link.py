@@ -22,15 +22,22 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
+from dspy_service.redis_topology import (
+    NodeStatus,
+    RedisClient,
+    RedisTopology,
+    open_client,
+    parse_topology,
+    ping,
+    reset,
+    survey,
+)
 
 T = TypeVar("T")
 
@@ -38,9 +45,23 @@ KEY_PREFIX = "dspy-service:v1:"
 
 
 def key_prefix(namespace: str) -> str:
-    """`dspy-service:v1:<namespace>:`, the namespace (SERVICE_NAME) made safe for a key."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", namespace)[:64]
+    """`dspy-service:v1:<namespace>:`, the namespace (SERVICE_NAME) made safe for a key: the keys
+    under it (cache entries, rate-limit windows) spread over a cluster's slots."""
+    safe = _safe(namespace)
     return f"{KEY_PREFIX}{safe}:" if safe else KEY_PREFIX
+
+
+def state_prefix(namespace: str) -> str:
+    """`dspy-service:v1:{<namespace>}:`: a hash tag puts every key under it in one cluster slot,
+    so that the scripts that touch several of them at once (the apply-once batches of cost totals
+    and budget spend, the all-or-nothing budget reservation) run on one node, and the epoch marker
+    lives beside the state it vouches for. This state is small and written a few times a second
+    per replica; the cache and the rate limits, which take every request, spread over all slots."""
+    return f"{KEY_PREFIX}{{{_safe(namespace) or 'default'}}}:"
+
+
+def _safe(namespace: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", namespace)[:64]
 
 
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
@@ -48,6 +69,7 @@ REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 _OUTAGES = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 MAX_CONNECTIONS = 64
 _LOG_EVERY_SECS = 60.0
+SURVEY_EVERY_SECS = 5.0  # how often each node is asked whether it answers, for /health
 
 _log = get_logger("dspy_service.redis")
 
@@ -57,7 +79,7 @@ class RedisLink:
 
     def __init__(
         self,
-        url: str,
+        topology: RedisTopology | str,
         *,
         timeout: float,
         metrics: Metrics,
@@ -67,13 +89,12 @@ class RedisLink:
         probe_min_secs: float = 0.5,
         probe_max_secs: float = 5.0,
     ) -> None:
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=MAX_CONNECTIONS,
+        self.topology = parse_topology(topology) if isinstance(topology, str) else topology
+        self.client: RedisClient = open_client(
+            self.topology, timeout=timeout, max_connections=MAX_CONNECTIONS
         )
+        self.nodes: list[NodeStatus] = []  # each node and whether it answered, as last surveyed
+        self._survey_task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)  # one per pooled connection
         self._last_logged: dict[str, float] = {}  # command error kind -> when it was last logged
         self.timeout = timeout
@@ -89,6 +110,7 @@ class RedisLink:
         # Every key of this deployment starts with this: SERVICE_NAME keeps deployments (staging and
         # production, say) apart when they share a Redis.
         self.prefix = key_prefix(namespace)
+        self.state_prefix = state_prefix(namespace)  # one hash slot (see state_prefix)
         self._connected_gauge = metrics.redis_connected.labels(role)
         self._connected_gauge.set(0)
 
@@ -98,16 +120,26 @@ class RedisLink:
 
     async def start(self) -> bool:
         """Try Redis once; if it is not there, start probing in the background. Never raises."""
-        if await self._ping():
+        failure = await self._ping()
+        if failure is None:
             self._mark_up(first=True)
         else:
             _log.warning(
-                "redis.unavailable", url=self._redacted_url, detail="running on the memory cache alone"
+                "redis.unavailable",
+                role=self.role,
+                mode=self.topology.mode,
+                url=self._redacted_url,
+                error=type(failure).__name__,
+                reason=str(failure)[:300],  # e.g. the certificate that failed verification, and why
+                detail="running without it until it answers",
             )
             self._ensure_probe()
+        self._survey_task = asyncio.get_running_loop().create_task(
+            self._survey_forever(), name=f"redis-survey-{self.role}", context=contextvars.Context()
+        )
         return self.connected
 
-    async def call(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
+    async def call(self, operation: Callable[[RedisClient], Awaitable[T]]) -> T | None:
         """Run one Redis operation with the link's timeout; None on any failure (and the link down
         when Redis could not be reached)."""
         if not self.connected:
@@ -159,19 +191,53 @@ class RedisLink:
 
     async def close(self) -> None:
         self._closed = True
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe_task
+        for task in (self._probe_task, self._survey_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(*REDIS_FAILURES):
             await self.client.aclose()
 
-    async def _ping(self) -> bool:
+    async def _ping(self) -> BaseException | None:
+        """None when Redis answers, else what went wrong."""
         try:
             async with asyncio.timeout(self.timeout):
-                return bool(await self.client.ping())
-        except REDIS_FAILURES:
-            return False
+                if await ping(self.client):
+                    return None
+                return RedisConnectionError("a node did not answer PING")
+        except REDIS_FAILURES as exc:
+            return exc
+
+    async def survey(self) -> list[NodeStatus]:
+        """Ask every node now (what /health shows is the last survey, at most SURVEY_EVERY_SECS old)."""
+        self.nodes = await survey(self.client, self.topology, wait_secs=self.timeout)
+        return self.nodes
+
+    async def _survey_forever(self) -> None:
+        while not self._closed:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self.survey()
+            await asyncio.sleep(SURVEY_EVERY_SECS)
+
+    def describe(self) -> dict[str, Any]:
+        """The topology, whether it answers, and each node as last surveyed: for /config."""
+        return {
+            **self.topology.describe(),
+            "connected": self.connected,
+            "nodes": [node.to_json() for node in self.nodes],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The same without addresses or users, for the unauthenticated /health."""
+        return {
+            "mode": self.topology.mode,
+            "tls": self.topology.tls,
+            "connected": self.connected,
+            "nodes_known": len(self.nodes),
+            "nodes_reachable": sum(node.reachable for node in self.nodes),
+            "unreachable_roles": sorted(node.role for node in self.nodes if not node.reachable),
+        }
 
     def _mark_up(self, *, first: bool = False) -> None:
         self.connected = True
@@ -191,10 +257,11 @@ class RedisLink:
         delay = self._probe_min
         while not self._closed:
             await asyncio.sleep(delay)
-            # Drop pooled sockets that died with the old server before trusting the link again.
+            # Drop pooled sockets that died with the old server (and a cluster's slot map, a
+            # sentinel's idea of the primary) before trusting the link again.
             with contextlib.suppress(*REDIS_FAILURES):
-                await self.client.connection_pool.disconnect()
-            if await self._ping():
+                await reset(self.client)
+            if await self._ping() is None:
                 self._mark_up()
                 for listener in self._listeners:
                     await listener()
@@ -224,7 +291,7 @@ def _error_kind(exc: BaseException) -> str:
     return word if word.isupper() and word.isalpha() and len(word) <= 16 else type(exc).__name__[:32]
 
 
-async def run_quietly(link: RedisLink | None, operation: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
+async def run_quietly(link: RedisLink | None, operation: Callable[[RedisClient], Awaitable[Any]]) -> Any:
     """`link.call(operation)` when there is a link, else None."""
     if link is None:
         return None

@@ -287,16 +287,16 @@ def build_services(
     link = None
     if settings.redis_url.get_secret_value():
         link = RedisLink(
-            settings.redis_url.get_secret_value(),
+            settings.redis_topology(),
             timeout=settings.redis_timeout_secs,
             metrics=metrics,
             redacted_url=settings.redacted_redis_url(),
             namespace=settings.service_name,
         )
     cache_link = link
-    if settings.redis_cache_url is not None:
+    if (cache_topology := settings.redis_cache_topology()) is not None:
         cache_link = RedisLink(
-            settings.redis_cache_url.get_secret_value(),
+            cache_topology,
             timeout=settings.redis_timeout_secs,
             metrics=metrics,
             redacted_url=settings.redacted_redis_cache_url() or "",

@@ -1,6 +1,7 @@
 """Typed service settings, read from the environment (and an optional `.env` file).
 
-Names and defaults follow the service contract; nothing here imports the rest of the package.
+Names and defaults follow the service contract; nothing here imports the rest of the package but
+the Redis topology parser (which imports only redis-py).
 There is no module-level instance: `Settings()` is built by the CLI and handed down.
 """
 
@@ -14,6 +15,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dspy_service.redis_topology import RedisTopology, TlsFiles, parse_topology
 
 LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
 
@@ -44,6 +47,20 @@ class Settings(BaseSettings):
     # cache pressure never evicts the state REDIS_URL keeps (costs, budgets, rate limits: noeviction,
     # with persistence). Unset: the cache shares REDIS_URL.
     redis_cache_url: SecretStr | None = None
+    # Topologies (redis_topology.py). Cluster: REDIS_URL names one or more seed nodes, comma-separated
+    # (redis://h1:6379,h2:6379). Sentinel: the sentinels and the primary's name; REDIS_URL then gives
+    # the primary's credentials, database and scheme only. The cache's Redis has its own three.
+    redis_cluster: bool = False
+    redis_sentinels: str = ""  # host:port,host:port,...
+    redis_sentinel_master: str = ""
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own password, if they have one
+    redis_cache_cluster: bool = False
+    redis_cache_sentinels: str = ""
+    redis_cache_sentinel_master: str = ""
+    # rediss:// URLs verify the server's certificate: against the system's CAs, or this file's.
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None  # a client certificate, for servers that ask for one
+    redis_tls_key_file: Path | None = None
     redis_required: bool = False
     redis_timeout_secs: float = Field(default=0.25, gt=0, le=10)
     memory_cache_size: int = Field(default=10_000, ge=0)
@@ -111,7 +128,16 @@ class Settings(BaseSettings):
     otel_sdk_disabled: bool = False
 
     @field_validator(
-        "openai_api_key", "api_keys", "api_keys_file", "admin_api_keys", "redis_cache_url", mode="before"
+        "openai_api_key",
+        "api_keys",
+        "api_keys_file",
+        "admin_api_keys",
+        "redis_cache_url",
+        "redis_sentinel_password",
+        "redis_tls_ca_file",
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
+        mode="before",
     )
     @classmethod
     def _blank_key_is_none(cls, value: object) -> object:
@@ -132,24 +158,61 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_redis_url(self) -> Settings:
-        """A URL Redis's client cannot parse is refused here, in words that never quote it (it may
-        hold a password): a `/` or `@` in a password must be percent-encoded."""
-        url = self.redis_url.get_secret_value()
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # raises for a password that broke the host part
-        except ValueError:
-            raise ValueError(
-                "REDIS_URL cannot be parsed (a password containing '/', '@' or ':' must be "
-                "percent-encoded, e.g. '/' as %2F)"
-            ) from None
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"REDIS_URL must use redis://, rediss:// or unix://, not {parts.scheme!r}")
+        """A Redis URL or topology the client cannot use is refused here, in words that never quote
+        the URL (it may hold a password): a `/` or `@` in a password must be percent-encoded."""
+        self.redis_topology()
+        self.redis_cache_topology()
+        files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        for name, path in zip(
+            ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"), files, strict=True
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE go together")
         for name in ("openai_base_url", "otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
             value = getattr(self, name)
             if value is not None and redact_url(value) == UNPARSABLE_URL:
                 raise ValueError(f"{name.upper()} cannot be parsed as a URL")
         return self
+
+    def redis_topology(self) -> RedisTopology:
+        """The state Redis (REDIS_URL and its topology settings)."""
+        return self._topology(
+            "REDIS_URL",
+            self.redis_url.get_secret_value(),
+            self.redis_cluster,
+            self.redis_sentinels,
+            self.redis_sentinel_master,
+        )
+
+    def redis_cache_topology(self) -> RedisTopology | None:
+        """The cache's own Redis, or None when the cache shares the state Redis."""
+        if self.redis_cache_url is None:
+            return None
+        return self._topology(
+            "REDIS_CACHE_URL",
+            self.redis_cache_url.get_secret_value(),
+            self.redis_cache_cluster,
+            self.redis_cache_sentinels,
+            self.redis_cache_sentinel_master,
+        )
+
+    def _topology(self, variable: str, url: str, cluster: bool, sentinels: str, master: str) -> RedisTopology:
+        password = self.redis_sentinel_password
+        return parse_topology(
+            url,
+            variable=variable,
+            cluster=cluster,
+            sentinels=sentinels.strip() or None,
+            master_name=master.strip() or None,
+            sentinel_password=password.get_secret_value() if password is not None else None,
+            tls_files=TlsFiles(
+                ca_file=self.redis_tls_ca_file,
+                cert_file=self.redis_tls_cert_file,
+                key_file=self.redis_tls_key_file,
+            ),
+        )
 
     @property
     def cors_origins(self) -> list[str]:
@@ -203,6 +266,8 @@ class Settings(BaseSettings):
             found += url_secrets(url)
         if self.openai_api_key is not None:
             found.append(self.openai_api_key.get_secret_value())
+        if self.redis_sentinel_password is not None:
+            found.append(self.redis_sentinel_password.get_secret_value())
         if self.api_keys is not None:
             found += [
                 entry.split()[0] for entry in self.api_keys.get_secret_value().split(",") if entry.split()
@@ -221,6 +286,9 @@ class Settings(BaseSettings):
         view["redis_url"] = self.redacted_redis_url()
         view["redis_cache_url"] = self.redacted_redis_cache_url()
         view["openai_api_key"] = "***" if self.openai_api_key is not None else None
+        view["redis_sentinel_password"] = "***" if self.redis_sentinel_password is not None else None
+        for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+            view[name] = str(value) if (value := getattr(self, name)) is not None else None
         if self.openai_base_url is not None:
             view["openai_base_url"] = redact_url(self.openai_base_url)
         view["models_config"] = str(self.models_config)
@@ -258,11 +326,16 @@ def redact_url(url: str) -> str:
     replaced by `***`; a URL that cannot be parsed is never echoed."""
     try:
         parts = urlsplit(url)
-        port = parts.port
+        port = parts.port if "," not in parts.netloc else None  # a cluster's seed list has several
     except ValueError:
         return UNPARSABLE_URL
     netloc = parts.netloc
-    if parts.username is not None or parts.password is not None:
+    if "," in netloc:  # redis://user:pass@h1:7000,h2:7000: keep the hosts, hide who
+        hosts = netloc.rpartition("@")[2]
+        if not re.fullmatch(r"[\w.\-\[\]:,]+", hosts):
+            return UNPARSABLE_URL
+        netloc = f"***@{hosts}" if "@" in netloc else hosts
+    elif parts.username is not None or parts.password is not None:
         host = parts.hostname or ""
         if ":" in host:
             host = f"[{host}]"

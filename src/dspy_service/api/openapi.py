@@ -169,6 +169,11 @@ _HEALTH = {
         },
         "provider": {"type": "string"},
         "warning": {"type": "string"},
+        "redis": {
+            "type": "object",
+            "description": "each Redis role (state, cache): its topology and how many of its nodes answer",
+            "additionalProperties": {"type": "object"},
+        },
     },
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
@@ -11,6 +12,9 @@ from starlette.responses import Response
 from dspy_service.api.deps import require_operator, services_of
 from dspy_service.api.responses import JSONResponse
 from dspy_service.errors import NotFound
+
+if TYPE_CHECKING:
+    from dspy_service.services import Services
 
 
 async def health(request: Request) -> Response:
@@ -28,10 +32,23 @@ async def health(request: Request) -> Response:
         "cache_size": len(services.cache.memory),
         "circuit_breakers": {name: breaker.state for name, breaker in services.breakers.items()},
         "provider": services.provider_description,
+        "redis": redis_view(services, detailed=False),
     }
     if services.settings.uses_simulator:
         body["warning"] = "no OPENAI_API_KEY: answers come from the built-in simulator, not a real model"
     return JSONResponse(body)
+
+
+def redis_view(services: Services, *, detailed: bool) -> dict[str, Any]:
+    """Each Redis role's topology and how its nodes answer; addresses only when `detailed` (for
+    operators, on /config: a fleet's internal addresses stay off the unauthenticated /health)."""
+    view: dict[str, Any] = {}
+    for role, link in (("state", services.redis_link), ("cache", services.cache_link)):
+        if link is not None:
+            view[role] = link.describe() if detailed else link.summary()
+    if "cache" not in view and "state" in view:
+        view["cache"] = {"shares": "state"}
+    return view
 
 
 async def ready(request: Request) -> Response:

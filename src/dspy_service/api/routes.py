@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dspy_service.api.deps import is_operator, require_operator, services_of
+from dspy_service.api.probes import redis_view
 from dspy_service.api.responses import JSONResponse, send_json
 from dspy_service.api.schemas import PredictRequest, describe_validation_error
 from dspy_service.costs import rows_of
@@ -159,6 +160,7 @@ async def config(request: Request) -> Response:
     models_config = services.models_config
     view = {
         "service": services.settings.public_view(),
+        "redis": redis_view(services, detailed=True),
         "provider": services.provider_description,
         "default_variant": models_config.default_variant,
         "ab_testing_enabled": models_config.ab_testing_enabled,
