@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -170,6 +171,9 @@ class RedisCache:
     def __init__(self, link: RedisLink, ttl_secs: int) -> None:
         self._link = link
         self._prefix = link.prefix + "cache:"
+        # Entries spread over a cluster's slots, and one MGET must stay in one slot: the cluster
+        # client splits it by slot (a pipelined MGET per node).
+        self._clustered = link.topology.mode == "cluster"
         self._ttl = ttl_secs
         self._waiting: list[tuple[str, asyncio.Future[bytes | None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -203,12 +207,17 @@ class RedisCache:
         keys = [key for key, _ in batch]
         values: Any = None
         try:
-            values = await self._link.call(lambda client: client.mget(keys))
+            values = await self._link.call(self._mget(keys))
         finally:
             found = values if isinstance(values, list) and len(values) == len(batch) else [None] * len(batch)
             for (_, future), value in zip(batch, found, strict=True):
                 if not future.done():
                     future.set_result(value if isinstance(value, bytes) else None)
+
+    def _mget(self, keys: list[str]) -> Callable[[Any], Awaitable[Any]]:
+        if self._clustered:
+            return lambda client: client.mget_nonatomic(keys)
+        return lambda client: client.mget(keys)
 
     async def set(self, key: str, payload: bytes) -> None:
         await self._link.call(lambda client: client.set(self._prefix + key, payload, ex=self._ttl))
