@@ -19,7 +19,7 @@ from tests.support.processes import (
     run_service_expecting_failure,
     wait_until,
 )
-from tests.support.redis_keys import DEFAULT_PREFIX
+from tests.support.redis_keys import STATE_PREFIX
 
 PRICE_PER_1K = 0.5  # USD per 1,000 tokens, in and out: a call here costs about 0.1 USD
 MODELS = f"""
@@ -52,7 +52,7 @@ def metered(service_factory: ServiceFactory, isolated_redis: RedisServer, tmp_pa
 
 def fleet_spend(redis: RedisServer) -> float:
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    reply = redis.command("GET", f"{DEFAULT_PREFIX}spend:{day}:model:metered")
+    reply = redis.command("GET", f"{STATE_PREFIX}spend:{day}:model:metered")
     lines = reply.split(b"\r\n")
     return float(lines[1]) if reply.startswith(b"$") and len(lines) > 1 and lines[1] else 0.0
 

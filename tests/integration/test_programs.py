@@ -18,7 +18,7 @@ import pytest
 from tests.integration.conftest import ServiceFactory
 from tests.support.metrics_text import sample_value
 from tests.support.processes import RedisServer, ServiceProcess, Simulator, run_service_expecting_failure
-from tests.support.redis_keys import DEFAULT_PREFIX
+from tests.support.redis_keys import STATE_PREFIX
 
 PROGRAMS_DIR = Path(__file__).resolve().parents[1] / "programs"
 
@@ -543,7 +543,7 @@ def test_shutdown_waits_for_a_program_thread_past_its_deadline(
     waited = time.monotonic() - started
     print(f"SIGTERM with a program thread running on: exited after {waited:.2f} s; provider {sim.stats()}")
     assert sim.stats()["calls"] == 2  # the thread finished its program: both predictors called
-    raw = redis_server.command("HGET", DEFAULT_PREFIX + "costs:gpt-3.5-turbo:drain", "total_input_tokens")
+    raw = redis_server.command("HGET", STATE_PREFIX + "costs:gpt-3.5-turbo:drain", "total_input_tokens")
     assert raw.startswith(b"$"), raw
     assert not raw.startswith(b"$-1"), "no late tokens in Redis"
     assert int(raw.split(b"\r\n")[1]) == sim.stats()["prompt_tokens"]

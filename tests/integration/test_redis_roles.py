@@ -11,7 +11,7 @@ import pytest
 from tests.integration.conftest import ServiceFactory
 from tests.support.metrics_text import sample_value
 from tests.support.processes import RedisServer, Simulator, wait_until
-from tests.support.redis_keys import DEFAULT_PREFIX
+from tests.support.redis_keys import DEFAULT_PREFIX, STATE_PREFIX
 
 
 @pytest.fixture
@@ -37,11 +37,11 @@ def test_the_cache_can_live_on_its_own_redis_apart_from_the_state(
     question = f"where do I go {uuid.uuid4().hex}"
     assert service.http.post("/v1/predict", json={"model": "gpt-4", "input": question}).status_code == 200
     wait_until(
-        lambda: bool(keys(redis_server, DEFAULT_PREFIX + "costs:*")), timeout=5, what="costs in state Redis"
+        lambda: bool(keys(redis_server, STATE_PREFIX + "costs:*")), timeout=5, what="costs in state Redis"
     )
     assert keys(cache_redis, DEFAULT_PREFIX + "cache:*")
     assert not keys(redis_server, DEFAULT_PREFIX + "cache:*")
-    assert not keys(cache_redis, DEFAULT_PREFIX + "costs:*")
+    assert not keys(cache_redis, STATE_PREFIX + "costs:*")
 
     cache_redis.kill()
     other = service.http.post("/v1/predict", json={"model": "gpt-4", "input": f"{question} again"})

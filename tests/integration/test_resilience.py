@@ -23,7 +23,7 @@ import pytest
 
 from tests.integration.conftest import ServiceFactory, base_env
 from tests.support.processes import RedisServer, ServiceProcess, Simulator, free_port, wait_until
-from tests.support.redis_keys import DEFAULT_PREFIX
+from tests.support.redis_keys import STATE_PREFIX
 
 
 def unique(text: str = "question") -> str:
@@ -296,7 +296,7 @@ def test_spend_sent_to_a_redis_that_froze_counts_once_against_the_budget(
     cost = response.json()["metadata"]["cost_usd"]
     assert cost > 0
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    key = f"{DEFAULT_PREFIX}spend:{day}:model:gpt-3.5-turbo"
+    key = f"{STATE_PREFIX}spend:{day}:model:gpt-3.5-turbo"
 
     def spent_in_redis() -> float:
         return float(own_redis.command("GET", key).split(b"\r\n")[1] or 0)
@@ -350,7 +350,7 @@ def test_a_request_cut_off_by_shutdown_gets_a_json_error_and_its_spend_is_counte
     process exits (it never did)."""
 
     def unmetered_in_redis() -> int:
-        raw = redis_server.command("HGET", DEFAULT_PREFIX + "costs:gpt-4:baseline", "unmetered_calls")
+        raw = redis_server.command("HGET", STATE_PREFIX + "costs:gpt-4:baseline", "unmetered_calls")
         return int(raw.split(b"\r\n")[1]) if raw.startswith(b"$") and not raw.startswith(b"$-1") else 0
 
     before = unmetered_in_redis()

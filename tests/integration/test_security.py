@@ -24,7 +24,7 @@ import pytest
 
 from tests.integration.conftest import ServiceFactory, base_env
 from tests.support.processes import LOOPBACK, RedisServer, ServiceProcess, Simulator, wait_until
-from tests.support.redis_keys import DEFAULT_PREFIX
+from tests.support.redis_keys import DEFAULT_PREFIX, STATE_PREFIX
 
 KEY_ACME = "sk-acme-" + "a1" * 12  # stored only as its SHA-256, tenant acme
 KEY_PLAIN = "sk-plain-" + "b2" * 12  # stored in plain text, no tenant, an operator key
@@ -54,7 +54,7 @@ budgets:
 def spend_elsewhere(redis: RedisServer, scope: str, name: str, usd: float) -> None:
     """Today's spend of a budget as other replicas would have added it, straight into Redis."""
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    redis.command("INCRBYFLOAT", f"{DEFAULT_PREFIX}spend:{day}:{scope}:{name}", str(usd))
+    redis.command("INCRBYFLOAT", f"{STATE_PREFIX}spend:{day}:{scope}:{name}", str(usd))
 
 
 def unique(text: str = "question") -> str:
@@ -517,7 +517,7 @@ def test_a_spent_model_budget_refuses_misses_but_serves_hits(
     assert hit.status_code == 200
     assert hit.json()["metadata"]["cached"] is True
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    key = f"{DEFAULT_PREFIX}spend:{day}:model:budgeted"
+    key = f"{STATE_PREFIX}spend:{day}:model:budgeted"
     wait_until(lambda: float(redis_server.command("GET", key).split(b"\r\n")[1] or 0) > 0.01, timeout=5)
     ttl = int(redis_server.command("TTL", key)[1:].strip())
     assert 47 * 3600 < ttl <= 48 * 3600
