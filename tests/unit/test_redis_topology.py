@@ -20,7 +20,8 @@ def test_a_single_server_with_an_acl_user_and_database() -> None:
     assert topology.mode == "standalone"
     assert topology.nodes == (("cache.internal", 6380),)
     assert (topology.username, topology.password, topology.db) == ("svc-user", SECRET, 2)
-    assert SECRET not in str(topology.describe()) and "svc-user" not in str(topology.describe())
+    assert SECRET not in str(topology.describe())
+    assert "svc-user" not in str(topology.describe())
 
 
 def test_percent_encoded_credentials_are_decoded() -> None:
@@ -32,7 +33,8 @@ def test_cluster_seed_nodes_come_comma_separated_in_one_url() -> None:
     topology = parse_topology(f"rediss://:{SECRET}@a:7000,b:7001,[::1]:7002", cluster=True)
     assert topology.mode == "cluster"
     assert topology.nodes == (("a", 7000), ("b", 7001), ("::1", 7002))
-    assert topology.tls and topology.password == SECRET
+    assert topology.tls
+    assert topology.password == SECRET
     assert topology.describe()["seeds"] == ["a:7000", "b:7001", "::1:7002"]
 
 
@@ -86,7 +88,8 @@ def test_settings_refuse_a_bad_topology_at_start(monkeypatch: pytest.MonkeyPatch
         Settings()
     # What the service prints at start (serving.load_configuration): the messages, never the input.
     printed = "; ".join(error["msg"] for error in raised.value.errors(include_input=False, include_url=False))
-    assert "REDIS_CLUSTER=true" in printed and SECRET not in printed
+    assert "REDIS_CLUSTER=true" in printed
+    assert SECRET not in printed
     monkeypatch.setenv("REDIS_CLUSTER", "true")
     assert Settings().redis_topology().mode == "cluster"
 
@@ -104,7 +107,8 @@ def test_tls_files_must_exist_and_come_in_pairs(monkeypatch: pytest.MonkeyPatch,
         Settings()
     monkeypatch.delenv("REDIS_TLS_CERT_FILE")
     topology = Settings().redis_topology()
-    assert topology.tls and topology.tls_files == TlsFiles(ca_file=ca)
+    assert topology.tls
+    assert topology.tls_files == TlsFiles(ca_file=ca)
 
 
 def test_the_cache_role_has_its_own_topology(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,7 +118,8 @@ def test_the_cache_role_has_its_own_topology(monkeypatch: pytest.MonkeyPatch) ->
     settings = Settings()
     assert settings.redis_topology().mode == "standalone"
     cache = settings.redis_cache_topology()
-    assert cache is not None and cache.mode == "cluster"
+    assert cache is not None
+    assert cache.mode == "cluster"
 
 
 def test_secrets_of_every_form_are_redacted_and_blanked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,9 +130,11 @@ def test_secrets_of_every_form_are_redacted_and_blanked(monkeypatch: pytest.Monk
     monkeypatch.setenv("REDIS_CLUSTER", "true")
     monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "sentinel-pw-7712")
     settings = Settings()
-    assert SECRET in settings.secret_values() and "sentinel-pw-7712" in settings.secret_values()
+    assert SECRET in settings.secret_values()
+    assert "sentinel-pw-7712" in settings.secret_values()
     view = str(settings.public_view())
-    assert SECRET not in view and "sentinel-pw-7712" not in view
+    assert SECRET not in view
+    assert "sentinel-pw-7712" not in view
 
 
 def test_state_keys_share_one_hash_slot_and_cache_keys_do_not() -> None:
