@@ -80,7 +80,9 @@ def test_cross_replica_hits_and_fleet_costs_through_the_cluster(
 
     def counted() -> bool:
         row = a.http.get("/costs").json().get("gpt-3.5-turbo:baseline", {})
-        return row.get("total_requests") == 2 * len(questions) and row.get("cache_hits") == len(questions)
+        return bool(
+            row.get("total_requests") == 2 * len(questions) and row.get("cache_hits") == len(questions)
+        )
 
     deadline = time.monotonic() + 10
     while not counted() and time.monotonic() < deadline:

@@ -96,7 +96,7 @@ def fleet_totals(service: ServiceProcess) -> dict[str, float]:
     """The service-wide /costs rows summed: requests, tokens and cost (scope must be the fleet's)."""
     response = service.http.get("/costs")
     assert response.status_code == 200, response.text
-    totals: dict[str, float] = Counter()
+    totals: dict[str, float] = {}
     for row in response.json().values():
         for name in (
             "total_requests",
@@ -105,7 +105,7 @@ def fleet_totals(service: ServiceProcess) -> dict[str, float]:
             "total_cost_usd",
             "cache_hits",
         ):
-            totals[name] += row[name]
+            totals[name] = totals.get(name, 0.0) + row[name]
     totals["fleet"] = float(response.headers.get("X-Costs-Scope", "fleet") == "fleet")
     return dict(totals)
 
