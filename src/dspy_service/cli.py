@@ -1,4 +1,5 @@
-"""`dspy-service serve | simulate`, and the client commands `predict | costs` (client_cli.py).
+"""`dspy-service serve | simulate`, the client commands `predict | costs` (client_cli.py) and
+`optimize` (optimize_cli.py).
 
 Arguments only: serving one process is serving.py's, several worker processes workers.py's."""
 
@@ -9,7 +10,7 @@ import sys
 
 import uvicorn
 
-from dspy_service import client_cli
+from dspy_service import client_cli, optimize_cli
 from dspy_service.logs import configure_logging
 from dspy_service.serving import Hangups, free_port, load_configuration, run_service, warn_simulated
 
@@ -75,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--error-status", type=int, default=500)
     simulate.add_argument("--hang", action="store_true")
     client_cli.add_commands(commands)
+    optimize_cli.add_command(commands)
     args = parser.parse_args(argv)
     if args.command in ("predict", "costs"):
         return client_cli.run(args)
     if args.command == "serve":
         return _serve_command()
+    if args.command == "optimize":
+        return optimize_cli.run(args)
     return _simulate(args)
 
 
