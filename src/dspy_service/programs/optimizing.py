@@ -289,9 +289,9 @@ def optimize(
     max_demos: int,
     score: bool = True,
 ) -> Optimized:
-    """Run `optimizer` on the variant's program; `lm` serves the unpinned predictors (None when every
-    predictor is pinned), `lm_of(model)` the pinned ones. With `score`, the metric is measured on the
-    trainset with the program as served and as optimized (one run per example each)."""
+    """Run `optimizer` on the variant's program; `lm` serves the unpinned predictors, `lm_of(model)`
+    the pinned ones. With `score`, the metric is measured on the trainset with the program as served
+    and as optimized (one run per example each)."""
     module = program.module
     if not callable(getattr(type(module), "forward", None)):  # on the instance, DSPy warns of a direct call
         raise OptimizeFailed(
