@@ -116,6 +116,13 @@ class Metrics:
             "and budget spend count again from then.",
             registry=registry,
         )
+        self.redis_batches_recovered = Counter(
+            "dspy_redis_batches_recovered",
+            "Batches of cost totals or budget spend that Redis had confirmed but lost in a failover (the "
+            "new primary had not received them), found after reconnecting and applied once, by purpose.",
+            ["purpose"],
+            registry=registry,
+        )
         self.redis_command_errors = Counter(
             "dspy_redis_command_errors",
             "Redis operations that failed without Redis being down, by error: a command Redis refused "

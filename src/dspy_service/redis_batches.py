@@ -8,32 +8,53 @@ last applied token in the same atomic step as the increments: a resent batch who
 there is skipped. A writer has at most one batch in doubt at a time (it resends that batch, unchanged,
 before anything new), so remembering the last token is enough.
 
+A failover can also lose a batch Redis did confirm: replication is asynchronous, so a primary that
+dies (or is demoted by Sentinel while it still takes writes) may not have passed its last writes on
+to the replica that replaces it. So the marker keeps the writer's recent tokens (a list, trimmed),
+the writer keeps the batches confirmed in the last RESEND_WINDOW_SECS, and after every reconnection
+it sends those again: a batch the new primary has (its token is in the list, replicated atomically
+with the increments by the same script) is skipped; a lost one is applied, and counted as recovered.
+
 Redis has no built-in for this (MULTI cannot branch on a value it reads), hence the script.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from dspy_service.logs import get_logger
 from dspy_service.redis_link import RedisLink
 
 # A writer's marker only has to outlive the time between Redis applying a batch and our resend,
 # which follows as soon as Redis answers again; a day is ample and leaves one small key per process.
 MARKER_EXPIRY_SECS = 86_400
+# Batches confirmed this recently are sent again after a reconnection (a failover loses at most what
+# the old primary had not yet passed on: milliseconds of writes, or the second or so in which a
+# demoted primary still took writes). The marker remembers more tokens than the writer resends.
+RESEND_WINDOW_SECS = 10.0
+RESEND_MAX_BATCHES = 200
+MARKER_TOKENS = 256
 
-# KEYS: the writer's marker, then each command's key (Redis asks that a script name every key it
-# touches in KEYS). ARGV: token, marker expiry, then for each command its count of further arguments,
-# its name and those arguments. Returns {0} when the token was already applied, else {1, replies...}.
+_log = get_logger("dspy_service.redis_batches")
+
+# KEYS: the writer's marker (a list of its last tokens), then each command's key (Redis asks that a
+# script name every key it touches in KEYS). ARGV: token, marker expiry, the number of tokens kept,
+# then for each command its count of further arguments, its name and those arguments. Returns {0}
+# when the token was already applied, else {1, replies...}.
 _APPLY_ONCE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.call('LPOS', KEYS[1], ARGV[1]) then
   return {0}
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 local result = {1}
-local i = 3
+local i = 4
 for k = 2, #KEYS do
   local count = tonumber(ARGV[i])
   result[#result + 1] = redis.call(ARGV[i + 1], KEYS[k], unpack(ARGV, i + 2, i + 1 + count))
@@ -56,10 +77,16 @@ class BatchWriter(Generic[BatchT]):
     ) -> None:
         self._link = link
         self._commands = commands
-        self._marker = f"{link.state_prefix}batch:{purpose}:{uuid.uuid4().hex}"
+        # v2: a list of tokens (v1 markers were one token, in a plain string).
+        self._marker = f"{link.state_prefix}batch2:{purpose}:{uuid.uuid4().hex}"
+        self._purpose = purpose
         self._script = link.client.register_script(_APPLY_ONCE)
         self._lock = asyncio.Lock()
         self._in_doubt: tuple[str, BatchT] | None = None
+        # (when confirmed, token, batch) of the batches confirmed lately, oldest first
+        self._confirmed: deque[tuple[float, str, BatchT]] = deque(maxlen=RESEND_MAX_BATCHES)
+        self._connection_seen = link.connections
+        self.recovered = 0  # batches a reconnection found lost, and sent again
 
     @property
     def in_doubt(self) -> BatchT | None:
@@ -74,6 +101,9 @@ class BatchWriter(Generic[BatchT]):
         if not self._link.connected:
             return self._in_doubt is None
         async with self._lock:
+            reconnected = self._link.connections != self._connection_seen
+            if reconnected and not await self._resend_confirmed(on_applied):
+                return False
             for _ in range(2):
                 if self._in_doubt is None:
                     batch = take()
@@ -85,14 +115,50 @@ class BatchWriter(Generic[BatchT]):
                 if sent is None:
                     return False
                 self._in_doubt = None
+                self._remember(token, batch)
                 if on_applied is not None:
                     await on_applied(batch, sent[1:] if sent[0] == 1 else None)
             return True
 
+    def _remember(self, token: str, batch: BatchT) -> None:
+        now = time.monotonic()
+        self._confirmed.append((now, token, batch))
+        while self._confirmed and self._confirmed[0][0] < now - RESEND_WINDOW_SECS:
+            self._confirmed.popleft()
+
+    async def _resend_confirmed(self, on_applied: OnApplied[BatchT] | None) -> bool:
+        """After a reconnection (perhaps to a new primary): send the batches confirmed lately again;
+        the ones Redis has are skipped. True when each got an answer."""
+        connection = self._link.connections
+        horizon = time.monotonic() - RESEND_WINDOW_SECS
+        recovered = 0
+        for confirmed_at, token, batch in list(self._confirmed):
+            if confirmed_at < horizon:
+                continue
+            sent = await self._send(token, self._commands(batch))
+            if sent is None:
+                return False  # Redis went away again: the next reconnection resends them all
+            if sent[0] == 1:  # lost in the failover, applied now
+                recovered += 1
+                if on_applied is not None:
+                    await on_applied(batch, sent[1:])
+        self._connection_seen = connection
+        if recovered:
+            self.recovered += recovered
+            self._link.metrics.redis_batches_recovered.labels(self._purpose).inc(recovered)
+            _log.warning(
+                "redis.batches_recovered",
+                purpose=self._purpose,
+                batches=recovered,
+                detail="batches Redis had confirmed were missing after it came back (a failover to a "
+                "replica that had not received them); they were sent again and counted once",
+            )
+        return True
+
     async def _send(self, token: str, commands: Sequence[Command]) -> list[Any] | None:
         """The script's result, or None if Redis did not confirm either way."""
         keys = [self._marker]
-        args: list[str | int | float] = [token, MARKER_EXPIRY_SECS]
+        args: list[str | int | float] = [token, MARKER_EXPIRY_SECS, MARKER_TOKENS]
         for name, key, *rest in commands:
             keys.append(str(key))
             args += [len(rest), name, *rest]

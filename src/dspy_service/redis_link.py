@@ -99,7 +99,8 @@ class RedisLink:
         self._last_logged: dict[str, float] = {}  # command error kind -> when it was last logged
         self.timeout = timeout
         self.connected = False
-        self._metrics = metrics
+        self.connections = 0  # how many times the link has come up: a change means "reconnected"
+        self.metrics = metrics
         self._redacted_url = redacted_url
         self._probe_min = probe_min_secs
         self._probe_max = probe_max_secs
@@ -150,7 +151,7 @@ class RedisLink:
                 async with asyncio.timeout(self.timeout):
                     await slots.acquire()
             except TimeoutError:
-                self._metrics.redis_command_errors.labels("pool_busy").inc()
+                self.metrics.redis_command_errors.labels("pool_busy").inc()
                 return None
         else:
             await slots.acquire()  # free: taken at once, without a task switch
@@ -169,14 +170,14 @@ class RedisLink:
     def command_failed(self, exc: BaseException) -> None:
         """Count (and now and then log) a command Redis refused; the link stays up."""
         kind = _error_kind(exc)
-        self._metrics.redis_command_errors.labels(kind).inc()
+        self.metrics.redis_command_errors.labels(kind).inc()
         now = time.monotonic()
         if now - self._last_logged.get(kind, -_LOG_EVERY_SECS) >= _LOG_EVERY_SECS:  # a full Redis
             self._last_logged[kind] = now  # refuses every write: one line a minute says so
             _log.warning("redis.command_failed", error=type(exc).__name__, reply=kind, url=self._redacted_url)
 
     def mark_down(self, exc: BaseException) -> None:
-        self._metrics.count_error("redis_error")
+        self.metrics.count_error("redis_error")
         if self.connected:
             self.connected = False
             self._connected_gauge.set(0)
@@ -240,6 +241,7 @@ class RedisLink:
         }
 
     def _mark_up(self, *, first: bool = False) -> None:
+        self.connections += 1
         self.connected = True
         self._connected_gauge.set(1)
         _log.info("redis.connected" if first else "redis.reconnected", role=self.role, url=self._redacted_url)
