@@ -48,11 +48,17 @@ _MAX_RETRY_SECS = 2.0
 
 def _refused_for_itself(exc: BaseException) -> bool:
     """A failure that retrying cannot cure: the database (or the conversion to its types) refused
-    this data, not the connection."""
-    if isinstance(exc, (DataError, IntegrityError, TypeError, ValueError, AttributeError)):
-        return True
+    this data, not the connection. Anything else (a refused or hung connection, a database that is
+    locked, gone or shutting down, a missing table) may pass, and is retried."""
+    if isinstance(exc, (DataError, IntegrityError, TypeError, ValueError, ArithmeticError)):
+        return True  # ArithmeticError: SQLite's "Python int too large to convert"
+    if isinstance(exc, DBAPIError):
+        # asyncpg's errors reach us as a generic DBAPIError carrying the SQLSTATE: class 22 is a
+        # data exception (a value out of range, a NUL in a text), 23 an integrity violation.
+        sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+        return sqlstate.startswith(("22", "23"))
     # Raised while binding parameters (a JSON value that cannot be encoded, say), before the driver.
-    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+    return isinstance(exc, StatementError)
 
 
 class RecordWriter:
