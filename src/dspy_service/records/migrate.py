@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -28,6 +29,10 @@ from dspy_service.records.database import async_url, create_engine, sqlite_path
 from dspy_service.settings import redact_url
 
 SCRIPT_LOCATION = "dspy_service.records:migrations"
+
+# Alembic keeps the running migration in module globals (alembic.context, alembic.op): one at a
+# time in a process. Between processes the database's own lock serialises them (see above).
+_IN_PROCESS = threading.Lock()
 
 
 def _config() -> Config:
@@ -76,7 +81,7 @@ async def _upgrade(url: str, config: Config) -> str | None:
 def upgrade_to_head(url: str) -> str | None:
     """Bring the database at `url` to the newest schema (creating it from nothing) and return its
     revision. Blocking: from async code, run it in a thread (`asyncio.to_thread`)."""
-    with _sqlite_lock(url):
+    with _IN_PROCESS, _sqlite_lock(url):
         return asyncio.run(_upgrade(url, _config()))
 
 
