@@ -27,13 +27,14 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 # SQLite makes a rowid alias (and so an automatic key) only of a column typed exactly INTEGER.
 Id = BigInteger().with_variant(Integer(), "sqlite")
-Json = JSON().with_variant(JSONB(), "postgresql")
+# JSON, not JSONB, on PostgreSQL too: stored as given (the order of a program's input fields
+# survives into exports) and nothing queries inside it.
+Json = JSON()
 
 
 class UtcDateTime(TypeDecorator[datetime]):

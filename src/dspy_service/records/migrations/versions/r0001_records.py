@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 # The types spelled out here rather than imported from schema.py: a revision must keep building
 # what it built, whatever the models become.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Json = sa.JSON()
 
 revision = "0001_records"
 down_revision = None
