@@ -9,11 +9,14 @@ there is skipped. A writer has at most one batch in doubt at a time (it resends 
 before anything new), so remembering the last token is enough.
 
 A failover can also lose a batch Redis did confirm: replication is asynchronous, so a primary that
-dies (or is demoted by Sentinel while it still takes writes) may not have passed its last writes on
-to the replica that replaces it. So the marker keeps the writer's recent tokens (a list, trimmed),
-the writer keeps the batches confirmed in the last RESEND_WINDOW_SECS, and after every reconnection
-it sends those again: a batch the new primary has (its token is in the list, replicated atomically
-with the increments by the same script) is skipped; a lost one is applied, and counted as recovered.
+dies (or that Sentinel demotes while it still takes writes) may not have passed its last writes on to
+the replica that replaces it. The client may not even notice the switch (a connection the old primary
+closed is silently reopened to the new one). So the marker keeps the writer's recent tokens (a list,
+trimmed), each send also asks whether the previous confirmed token is still there, and the writer
+keeps the batches confirmed in the last RESEND_WINDOW_SECS: when the previous token is missing, the
+state was rolled back under us, and those batches are sent again. A batch the primary has (its token
+is in the list, replicated atomically with the increments by the same script) is skipped; a lost one
+is applied, and counted as recovered.
 
 Redis has no built-in for this (MULTI cannot branch on a value it reads), hence the script.
 """
@@ -44,17 +47,22 @@ _log = get_logger("dspy_service.redis_batches")
 
 # KEYS: the writer's marker (a list of its last tokens), then each command's key (Redis asks that a
 # script name every key it touches in KEYS). ARGV: token, marker expiry, the number of tokens kept,
-# then for each command its count of further arguments, its name and those arguments. Returns {0}
-# when the token was already applied, else {1, replies...}.
+# the previous confirmed token ('' for none), then for each command its count of further arguments,
+# its name and those arguments. Returns {0, lost} when the token was already applied, else
+# {1, lost, replies...}; lost is 1 when the previous token is missing (the state was rolled back).
 _APPLY_ONCE = """
+local lost = 0
+if ARGV[4] ~= '' and not redis.call('LPOS', KEYS[1], ARGV[4]) then
+  lost = 1
+end
 if redis.call('LPOS', KEYS[1], ARGV[1]) then
-  return {0}
+  return {0, lost}
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-local result = {1}
-local i = 4
+local result = {1, lost}
+local i = 5
 for k = 2, #KEYS do
   local count = tonumber(ARGV[i])
   result[#result + 1] = redis.call(ARGV[i + 1], KEYS[k], unpack(ARGV, i + 2, i + 1 + count))
@@ -77,7 +85,7 @@ class BatchWriter(Generic[BatchT]):
     ) -> None:
         self._link = link
         self._commands = commands
-        # v2: a list of tokens (v1 markers were one token, in a plain string).
+        # batch2: a list of tokens (the first layout kept one token, in a plain string)
         self._marker = f"{link.state_prefix}batch2:{purpose}:{uuid.uuid4().hex}"
         self._purpose = purpose
         self._script = link.client.register_script(_APPLY_ONCE)
@@ -85,8 +93,7 @@ class BatchWriter(Generic[BatchT]):
         self._in_doubt: tuple[str, BatchT] | None = None
         # (when confirmed, token, batch) of the batches confirmed lately, oldest first
         self._confirmed: deque[tuple[float, str, BatchT]] = deque(maxlen=RESEND_MAX_BATCHES)
-        self._connection_seen = link.connections
-        self.recovered = 0  # batches a reconnection found lost, and sent again
+        self.recovered = 0  # confirmed batches found lost, and sent again
 
     @property
     def in_doubt(self) -> BatchT | None:
@@ -101,9 +108,6 @@ class BatchWriter(Generic[BatchT]):
         if not self._link.connected:
             return self._in_doubt is None
         async with self._lock:
-            reconnected = self._link.connections != self._connection_seen
-            if reconnected and not await self._resend_confirmed(on_applied):
-                return False
             for _ in range(2):
                 if self._in_doubt is None:
                     batch = take()
@@ -111,13 +115,17 @@ class BatchWriter(Generic[BatchT]):
                         return True
                     self._in_doubt = (uuid.uuid4().hex, batch)
                 token, batch = self._in_doubt
-                sent = await self._send(token, self._commands(batch))
+                previous = self._confirmed[-1][1] if self._confirmed else ""
+                sent = await self._send(token, self._commands(batch), previous)
                 if sent is None:
                     return False
                 self._in_doubt = None
-                self._remember(token, batch)
                 if on_applied is not None:
-                    await on_applied(batch, sent[1:] if sent[0] == 1 else None)
+                    await on_applied(batch, sent[2:] if sent[0] == 1 else None)
+                if sent[1] == 1 and not await self._resend_confirmed(on_applied):
+                    self._remember(token, batch)
+                    return False
+                self._remember(token, batch)
             return True
 
     def _remember(self, token: str, batch: BatchT) -> None:
@@ -127,22 +135,21 @@ class BatchWriter(Generic[BatchT]):
             self._confirmed.popleft()
 
     async def _resend_confirmed(self, on_applied: OnApplied[BatchT] | None) -> bool:
-        """After a reconnection (perhaps to a new primary): send the batches confirmed lately again;
-        the ones Redis has are skipped. True when each got an answer."""
-        connection = self._link.connections
+        """The state was rolled back (a failover to a replica that had not received our last
+        writes): send the batches confirmed lately again; those Redis still has are skipped. True
+        when each got an answer (else the next rollback found resends them)."""
         horizon = time.monotonic() - RESEND_WINDOW_SECS
         recovered = 0
         for confirmed_at, token, batch in list(self._confirmed):
             if confirmed_at < horizon:
                 continue
-            sent = await self._send(token, self._commands(batch))
+            sent = await self._send(token, self._commands(batch), "")
             if sent is None:
-                return False  # Redis went away again: the next reconnection resends them all
+                return False
             if sent[0] == 1:  # lost in the failover, applied now
                 recovered += 1
                 if on_applied is not None:
-                    await on_applied(batch, sent[1:])
-        self._connection_seen = connection
+                    await on_applied(batch, sent[2:])
         if recovered:
             self.recovered += recovered
             self._link.metrics.redis_batches_recovered.labels(self._purpose).inc(recovered)
@@ -150,15 +157,15 @@ class BatchWriter(Generic[BatchT]):
                 "redis.batches_recovered",
                 purpose=self._purpose,
                 batches=recovered,
-                detail="batches Redis had confirmed were missing after it came back (a failover to a "
-                "replica that had not received them); they were sent again and counted once",
+                detail="batches Redis had confirmed were missing (a failover to a replica that had not "
+                "received them); they were sent again and counted once",
             )
         return True
 
-    async def _send(self, token: str, commands: Sequence[Command]) -> list[Any] | None:
+    async def _send(self, token: str, commands: Sequence[Command], previous: str) -> list[Any] | None:
         """The script's result, or None if Redis did not confirm either way."""
         keys = [self._marker]
-        args: list[str | int | float] = [token, MARKER_EXPIRY_SECS, MARKER_TOKENS]
+        args: list[str | int | float] = [token, MARKER_EXPIRY_SECS, MARKER_TOKENS, previous]
         for name, key, *rest in commands:
             keys.append(str(key))
             args += [len(rest), name, *rest]

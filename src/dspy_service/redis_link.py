@@ -99,7 +99,6 @@ class RedisLink:
         self._last_logged: dict[str, float] = {}  # command error kind -> when it was last logged
         self.timeout = timeout
         self.connected = False
-        self.connections = 0  # how many times the link has come up: a change means "reconnected"
         self.metrics = metrics
         self._redacted_url = redacted_url
         self._probe_min = probe_min_secs
@@ -241,7 +240,6 @@ class RedisLink:
         }
 
     def _mark_up(self, *, first: bool = False) -> None:
-        self.connections += 1
         self.connected = True
         self._connected_gauge.set(1)
         _log.info("redis.connected" if first else "redis.reconnected", role=self.role, url=self._redacted_url)

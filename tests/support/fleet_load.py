@@ -121,6 +121,12 @@ def wait_for_fleet_totals(
         seen.update(fleet_totals(service))
         return seen.get("total_requests", 0) >= load.requests - len(load.failures)
 
-    wait_until(counted, timeout=timeout, interval=0.25, what=f"the fleet totals to count the load ({seen})")
+    try:
+        wait_until(counted, timeout=timeout, interval=0.25, what="the fleet totals to count the load")
+    except TimeoutError:
+        raise AssertionError(
+            f"the fleet totals never counted the load: {seen} against {load.requests} requests, "
+            f"{load.input_tokens} input tokens"
+        ) from None
     time.sleep(1.0)  # a doubled resend would land within a flush interval or two
     return fleet_totals(service)
