@@ -144,6 +144,18 @@ def test_db_upgrade_command_reports_and_fails_cleanly(tmp_path: Path) -> None:
     assert "s3cret-pass" not in err.getvalue()
 
 
+async def test_a_store_that_cannot_migrate_says_so_at_start() -> None:
+    """start() against a server that is not there: RecordsUnavailable naming the database, its
+    password redacted, within the connect timeout."""
+    url = f"postgresql://app:s3cret-pass@127.0.0.1:{free_port()}/records"
+    store = RecordStore(url, connect_timeout_secs=0.5)
+    with pytest.raises(RecordsUnavailable) as caught:
+        await store.start()
+    await store.close()
+    assert caught.value.message.startswith("cannot migrate postgresql://***@127.0.0.1:")
+    assert "s3cret-pass" not in caught.value.message
+
+
 # --- the writer ----------------------------------------------------------------------------------
 
 

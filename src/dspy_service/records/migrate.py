@@ -63,8 +63,8 @@ def _sqlite_lock(url: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-async def _upgrade(url: str, config: Config) -> str | None:
-    engine = create_engine(url, pooled=False)
+async def _upgrade(url: str, config: Config, connect_timeout_secs: float) -> str | None:
+    engine = create_engine(url, pooled=False, connect_timeout_secs=connect_timeout_secs)
 
     def upgrade(connection: Connection) -> str | None:
         config.attributes["connection"] = connection
@@ -78,11 +78,11 @@ async def _upgrade(url: str, config: Config) -> str | None:
         await engine.dispose()
 
 
-def upgrade_to_head(url: str) -> str | None:
+def upgrade_to_head(url: str, *, connect_timeout_secs: float = 5.0) -> str | None:
     """Bring the database at `url` to the newest schema (creating it from nothing) and return its
     revision. Blocking: from async code, run it in a thread (`asyncio.to_thread`)."""
     with _IN_PROCESS, _sqlite_lock(url):
-        return asyncio.run(_upgrade(url, _config()))
+        return asyncio.run(_upgrade(url, _config(), connect_timeout_secs))
 
 
 async def _current(url: str) -> str | None:
@@ -101,17 +101,26 @@ def current_revision(url: str) -> str | None:
     return asyncio.run(_current(url))
 
 
+MIGRATION_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
+def describe_failure(url: str, exc: BaseException) -> str:
+    """Why migrating `url` failed, in one line, with the URL's password nowhere in it."""
+    lines = str(exc).splitlines()
+    detail = lines[0] if lines and lines[0] else type(exc).__name__
+    password = make_url(async_url(url)).password
+    if password:
+        detail = detail.replace(str(password), "***")
+    return f"cannot migrate {redact_url(url)}: {detail}"
+
+
 def run_db_upgrade(url: str, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """`dspy-service db upgrade`: migrate, say where to, and exit 0; or say why not and exit 1
     (the URL shown with its password redacted)."""
     try:
         revision = upgrade_to_head(url)
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        password = make_url(async_url(url)).password
-        if password:
-            detail = detail.replace(str(password), "***")
-        print(f"dspy-service: cannot migrate {redact_url(url)}: {detail}", file=err)
+    except MIGRATION_ERRORS as exc:
+        print(f"dspy-service: {describe_failure(url, exc)}", file=err)
         return 1
     print(f"{redact_url(url)}: schema at revision {revision} (head)", file=out)
     return 0

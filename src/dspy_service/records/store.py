@@ -28,7 +28,7 @@ from dspy_service.records.database import RecordsUnavailable, create_engine
 from dspy_service.records.entries import LoggedPrediction, Receipt
 from dspy_service.records.export import export_jsonl
 from dspy_service.records.feedback import FeedbackMetrics, FeedbackOutcome, record_feedback
-from dspy_service.records.migrate import upgrade_to_head
+from dspy_service.records.migrate import MIGRATION_ERRORS, describe_failure, upgrade_to_head
 from dspy_service.records.retention import RetentionTask
 from dspy_service.records.stats import quality_by_variant
 from dspy_service.records.writer import FEEDBACK, DropHook, RecordWriter
@@ -68,12 +68,17 @@ class RecordStore:
             else None
         )
         self._feedback_wait = feedback_wait_secs
+        self._connect_timeout = connect_timeout_secs
 
     async def start(self, *, migrate: bool = True) -> None:
         """Migrate the schema to head (in a thread: Alembic is blocking), then start writing and
-        the retention rounds. A database that cannot be migrated raises (from Alembic/SQLAlchemy)."""
+        the retention rounds. RecordsUnavailable (its message naming the database, password
+        redacted) when the database cannot be migrated."""
         if migrate:
-            await asyncio.to_thread(upgrade_to_head, self.url)
+            try:
+                await asyncio.to_thread(upgrade_to_head, self.url, connect_timeout_secs=self._connect_timeout)
+            except MIGRATION_ERRORS as exc:
+                raise RecordsUnavailable(describe_failure(self.url, exc)) from exc
         self.writer.start()
         if self._retention is not None:
             self._retention.start()
