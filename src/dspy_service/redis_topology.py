@@ -30,6 +30,34 @@ RedisClient = aioredis.Redis | RedisCluster
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 
+# What an ACL user of the service must be allowed (docs/deployment.md lists it for operators; the
+# tests run the service as a user with exactly these): the commands it sends, and those its Lua
+# scripts call (Redis checks those against the user too). Keys: ~dspy-service:*.
+ACL_COMMANDS = (
+    "ping",
+    "get",
+    "set",
+    "mget",
+    "incrby",
+    "incrbyfloat",
+    "expire",
+    "hgetall",
+    "hincrby",
+    "hincrbyfloat",
+    "hset",
+    "sadd",
+    "smembers",
+    "lpos",
+    "lpush",
+    "ltrim",
+    "evalsha",
+    "script|load",
+)
+# redis-py also names itself on connecting (CLIENT SETINFO, Redis 7.2 and later): optional, a refusal
+# is ignored; allow "client|setinfo" too where the server knows it, for a clean ACL LOG.
+# And on a Redis Cluster: the slot map, the command table the client routes by, and redirects.
+ACL_CLUSTER_COMMANDS = ("cluster|slots", "cluster|shards", "command", "asking", "readonly")
+
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
