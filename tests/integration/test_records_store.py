@@ -175,6 +175,15 @@ async def test_receipts_are_written_in_batches(db_url: str) -> None:
         assert await count(store.engine, ReceiptRow) == 250
         assert await count(store.engine, PredictionRow) == 125
         assert len(commits) == 3
+        async with store.engine.connect() as connection:
+            pairs = await connection.execute(
+                select(ReceiptRow.request_id, PredictionRow.inputs).join(
+                    PredictionRow, PredictionRow.receipt_id == ReceiptRow.id
+                )
+            )
+            assert sorted((request_id, inputs["question"]) for request_id, inputs in pairs) == sorted(
+                (f"r{i}", f"q{i}") for i in range(1, 250, 2)
+            )  # each logged prediction belongs to its own receipt
         assert store.writer.dropped == {"receipt": 0, "prediction": 0, "feedback": 0}
 
 
