@@ -187,3 +187,31 @@ def test_a_primary_killed_under_load_costs_no_request_and_no_spend(
         events = [line.get("event") for line in service.log_lines()]
         assert "redis.state_lost" not in events
     cluster.restart(victim)  # back as a replica, for the tests after this one
+
+
+def test_the_state_slot_resharded_under_load_costs_no_request_and_no_spend(
+    fleet: tuple[ServiceProcess, ServiceProcess], cluster: RedisClusterProcesses, sim: Simulator
+) -> None:
+    """The state's slot moves to another primary key by key while two replicas write to it: clients
+    meet ASK and TRYAGAIN during the move and MOVED after it; none becomes a client error or a
+    command error, and the totals come out exact on the new owner."""
+    a, _ = fleet
+    epoch_key = state_prefix_of(a) + "epoch"
+    slot = cluster.key_slot(epoch_key)
+    source = cluster.port_for_key(epoch_key)
+    target = next(port for port in cluster.primary_ports() if port != source)
+
+    def reshard() -> None:
+        cluster.move_slot(slot, target, pause_secs=0.2)
+
+    load = run_load(fleet, workers=6, during=reshard, after_secs=2.0)
+    assert load.failures == [], load.failures[:5]
+    assert cluster.port_for_key(epoch_key) == target
+    totals = wait_for_fleet_totals(a, load)
+    assert totals["total_requests"] == load.requests
+    assert totals["total_input_tokens"] == load.input_tokens
+    assert totals["total_cost_usd"] == pytest.approx(load.cost_usd, rel=1e-9, abs=1e-12)
+    for service in fleet:
+        page = service.http.get("/metrics").text
+        assert sample_value(page, "dspy_redis_command_errors_total") == 0.0
+        assert sample_value(page, "dspy_redis_connected", role="state") == 1.0

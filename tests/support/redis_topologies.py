@@ -16,6 +16,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,6 +442,23 @@ class RedisClusterProcesses(_Topology):
 
         _wait_for(rejoined, timeout=timeout, what=f"port {port} to rejoin the cluster as a replica")
         self._lost_slots.pop(port, None)
+
+    def move_slot(self, slot: int, to_port: int, *, pause_secs: float = 0.0) -> None:
+        """Migrate one slot to the primary on `to_port` the way resharding does (IMPORTING and
+        MIGRATING, MIGRATE key by key, then SETSLOT NODE everywhere), pausing `pause_secs` after each
+        key, so that clients meet ASK and TRYAGAIN replies while it runs and MOVED afterwards."""
+        source = next(r.primary for r in self.slot_map() if r.start <= slot <= r.end)
+        if source == to_port:
+            return
+        source_id, target_id = self._ask(source, "CLUSTER MYID"), self._ask(to_port, "CLUSTER MYID")
+        self._ask(to_port, "CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        self._ask(source, "CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        while keys := self._ask(source, "CLUSTER GETKEYSINSLOT", slot, 1):
+            auth = ["AUTH", self.password] if self.password else []
+            self._ask(source, "MIGRATE", LOOPBACK, to_port, "", 0, 5000, *auth, "KEYS", *keys)
+            time.sleep(pause_secs)
+        for port in self.primary_ports():
+            self._ask(port, "CLUSTER SETSLOT", slot, "NODE", target_id)
 
     def keys_everywhere(self, pattern: str = "*") -> list[str]:
         """Every key matching `pattern` on every live primary (SCAN on each node), sorted."""
