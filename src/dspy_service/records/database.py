@@ -65,7 +65,8 @@ def create_engine(
     *,
     connect_timeout_secs: float = 5.0,
     command_timeout_secs: float = 10.0,
-    pool_size: int = 5,
+    pool_size: int = 3,
+    max_overflow: int = 2,
     pooled: bool = True,
 ) -> AsyncEngine:
     """The async engine for `url` (a plain `sqlite:///` or `postgresql://` URL is enough).
@@ -96,12 +97,20 @@ def create_engine(
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a process crash
+            # With WAL, NORMAL is safe from a process crash; a power cut may lose the last batches.
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
         return engine
     if backend == "postgresql":
         options["connect_args"] = {"timeout": connect_timeout_secs, "command_timeout": command_timeout_secs}
         if pooled:
-            options.update(pool_size=pool_size, pool_timeout=connect_timeout_secs, pool_pre_ping=True)
+            # Small: one connection writes, the others serve feedback and reports; every worker
+            # process of every replica has its own pool.
+            options.update(
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=connect_timeout_secs,
+                pool_pre_ping=True,
+            )
     return create_async_engine(full, **options)
