@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dspy_service.api import batch, experiments, probes, routes, stream
+from dspy_service.api import batch, experiments, feedback, probes, routes, stream
 from dspy_service.api.auth import AuthMiddleware
 from dspy_service.api.compression import CompressionMiddleware
 from dspy_service.api.limits import BodyReadTimeoutMiddleware, RateLimitMiddleware
@@ -121,6 +121,7 @@ def create_app(services: Services) -> Starlette:
             Route("/v1/predict/batch", batch.predict_batch, methods=["POST"]),
             Route("/v1/predict/stream", stream.StreamEndpoint(services), methods=["POST"]),
             Route("/v1/experiments", experiments.experiments, methods=["GET"]),
+            Route("/v1/feedback", feedback.feedback, methods=["POST"]),
             Route("/v1/programs", ProgramsEndpoint(services), methods=["GET"]),
             Route("/health", probes.health, methods=["GET"]),
             Route("/ready", probes.ready, methods=["GET"]),

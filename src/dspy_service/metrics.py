@@ -116,6 +116,19 @@ class Metrics:
             "and budget spend count again from then.",
             registry=registry,
         )
+        self.records_dropped = Counter(
+            "dspy_records_dropped",
+            "Records the records store could not keep (queue full, or the database down past the retry "
+            "time), by kind: receipt, prediction (the prediction log) or feedback.",
+            ["kind"],
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "dspy_feedback",
+            "Feedback values kept (POST /v1/feedback), by variant and metric.",
+            ["variant", "metric"],
+            registry=registry,
+        )
         self.redis_batches_recovered = Counter(
             "dspy_redis_batches_recovered",
             "Batches of cost totals or budget spend that Redis had confirmed but lost in a failover (the "

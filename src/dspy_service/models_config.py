@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dspy_service.errors import ConfigError
 from dspy_service.experiments import normalize_weights
+from dspy_service.feedback_metrics import FeedbackMetrics
 
 
 class _Strict(BaseModel):
@@ -173,6 +174,7 @@ class ModelsConfig(_Strict):
     models: dict[str, ModelSpec]
     variants: dict[str, VariantSpec]
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
+    feedback: FeedbackMetrics = Field(default_factory=FeedbackMetrics)  # what POST /v1/feedback takes
     source: Path = Path("<memory>")
 
     @model_validator(mode="after")

@@ -13,10 +13,11 @@ holds), upstream_errors.py (a failure as the client sees it), programs/ (running
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -51,6 +52,9 @@ from dspy_service.results import Prediction, StreamChunk
 from dspy_service.routing import PredictionInput, Route, split_parameters
 from dspy_service.tracing import Tracing
 from dspy_service.upstream_errors import client_facing_error
+
+if TYPE_CHECKING:  # the records store (SQLAlchemy) is imported only when receipts are on
+    from dspy_service.recording import Recorder
 from dspy_service.worst_case import worst_case
 
 _log = get_logger("dspy_service.predictor")
@@ -99,7 +103,9 @@ class Predictor:
         tenant_scoped_cache: bool = False,
         stream_idle_secs: float | None = None,
         stream_max_secs: float | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
+        self.recorder = recorder  # receipts and the prediction log (FEEDBACK_ENABLED); None: off
         self._stream_idle = stream_idle_secs or request_timeout_secs  # longest pause between chunks
         self._stream_max = stream_max_secs or request_timeout_secs  # longest stream in all
         self._cache_namespace = cache_namespace  # deployment, provider, DSPy version (cache.py)
@@ -196,29 +202,66 @@ class Predictor:
         route = self._route(request)
         model_key, variant = route.model.key, route.program.variant
         metrics = self._metrics.route(model_key, variant)
+        recorder = self.recorder
         key = None
         if request.use_cache and _cacheable(route):
             key = self._cache_key(route)
             hit = self._cache.get_memory(key)
             if hit is not None:  # answered without awaiting anything: never "in flight"
-                return self._served_from_cache(request, metrics, variant, hit, "memory", started)
+                result = self._served_from_cache(request, metrics, variant, hit, "memory", started)
+                if recorder is not None:
+                    recorder.answered(request, route, result)
+                return result
         self._metrics.active.inc()
         try:
             if key is not None:
                 hit = await self._cache.get_redis(key)
                 if hit is not None:
-                    return self._served_from_cache(request, metrics, variant, hit, "redis", started)
+                    result = self._served_from_cache(request, metrics, variant, hit, "redis", started)
+                    if recorder is not None:
+                        recorder.answered(request, route, result)
+                    return result
             coalesced = key is not None and key in self._upstream
             answer, usage = await self._call_upstream(key, route)
         except ServiceError as exc:
             if not isinstance(exc, BudgetExceeded):  # a refusal we chose, not a failed prediction
                 metrics.error.inc()  # the error's type is counted where it becomes a response
+            if recorder is not None:
+                recorder.failed(request, route, exc, (time.perf_counter() - started) * 1000)
             raise
         finally:
             self._metrics.active.dec()
-        return self._answered(request, metrics, variant, answer, usage, coalesced, started)
+        result = self._answered(request, metrics, variant, answer, usage, coalesced, started)
+        if recorder is not None:
+            recorder.answered(request, route, result)
+        return result
 
-    async def stream(self, request: PredictionInput) -> AsyncGenerator[StreamChunk | Prediction, None]:
+    def stream(self, request: PredictionInput) -> AsyncGenerator[StreamChunk | Prediction, None]:
+        """`predict`, streaming (see _stream); with receipts on, its receipt is written when it ends."""
+        if self.recorder is None:
+            return self._stream(request)
+        return self._recorded_stream(request, self.recorder)
+
+    async def _recorded_stream(
+        self, request: PredictionInput, recorder: Recorder
+    ) -> AsyncGenerator[StreamChunk | Prediction, None]:
+        started = time.perf_counter()
+        route = self._route(request)
+        # aclosing: a client that goes away closes this generator, and the inner one at once (its
+        # finally cancels the upstream call), not whenever it is collected.
+        async with contextlib.aclosing(self._stream(request, route)) as inner:
+            try:
+                async for item in inner:
+                    if isinstance(item, Prediction):
+                        recorder.answered(request, route, item)
+                    yield item
+            except ServiceError as exc:
+                recorder.failed(request, route, exc, (time.perf_counter() - started) * 1000)
+                raise
+
+    async def _stream(
+        self, request: PredictionInput, route: Route | None = None
+    ) -> AsyncGenerator[StreamChunk | Prediction, None]:
         """`predict`, streaming: the answer's text chunks as the provider sends them, then the
         Prediction. A hit (or a miss that joins an identical `predict` already in flight) is one
         chunk of the main output. A streaming miss is never shared with other requests: its client
@@ -228,7 +271,7 @@ class Predictor:
         first `__anext__`; the caller can still answer them with a status code.
         """
         started = time.perf_counter()
-        route = self._route(request)
+        route = route or self._route(request)
         model_key, variant = route.model.key, route.program.variant
         metrics = self._metrics.route(model_key, variant)
         key = None

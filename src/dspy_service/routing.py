@@ -4,7 +4,7 @@ against the program's declared types, and its LM options checked one by one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from dspy_service.errors import InvalidRequest
 from dspy_service.models_config import ModelsConfig, ModelSpec
@@ -23,6 +23,8 @@ class PredictionInput:
     inputs: dict[str, Any] | None = None  # the program's input fields by name, as typed JSON
     user_id: str | None = None  # with A/B testing on, keeps a user on one variant
     tenant: str | None = None  # from the API key; its daily budget applies
+    request_id: str | None = None  # its receipt's (a batch item's own)
+    source: Literal["predict", "batch", "stream"] = "predict"
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, about three times the

@@ -42,6 +42,8 @@ from dspy_service.tracing import Tracing, build_tracing
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
+    from dspy_service.recording import Recorder
+
 _log = get_logger("dspy_service.services")
 
 
@@ -81,6 +83,7 @@ class Services:
     threads: ProgramThreads | None = None
     cache_link: RedisLink | None = None  # the cache's own Redis (REDIS_CACHE_URL), if it has one
     epoch: StateEpoch | None = None  # notices a state Redis that came back empty
+    recorder: Recorder | None = None  # receipts, feedback, the prediction log (records/)
     # Price per provider model id, shared with the predictor (its `prices` is this dict's `get`):
     # a reload updates it in place.
     prices: dict[str, Price | None] = field(default_factory=dict)
@@ -97,6 +100,8 @@ class Services:
         self.ledger.start()
         if self.budgets is not None:
             self.budgets.start()
+        if self.recorder is not None:
+            await self.recorder.start()
         self.lifecycle.started = True
         self._warn_if_unprotected()
         _log.info(
@@ -138,6 +143,8 @@ class Services:
         await self.ledger.close()
         if self.budgets is not None:
             await self.budgets.close()
+        if self.recorder is not None:
+            await self.recorder.close()  # what is queued is written, within a bound
         if self.redis_link is not None:
             await self.redis_link.close()
         if self.cache_link is not None:
@@ -321,6 +328,11 @@ def build_services(
     rule = settings.rate_limit_rule
     rate_limiter = RateLimiter(link, limit=rule[0], period_secs=rule[1]) if rule is not None else None
     threads = ProgramThreads(metrics.program_threads_busy)
+    recorder = None
+    if settings.records_enabled:
+        from dspy_service.recording import build_recorder  # SQLAlchemy only when records are on
+
+        recorder = build_recorder(settings, metrics)
     predictor = Predictor(
         config=models_config,
         programs=programs,
@@ -343,6 +355,7 @@ def build_services(
         tenant_scoped_cache=settings.effective_cache_scope == "tenant",
         stream_idle_secs=settings.stream_idle_timeout_secs,
         stream_max_secs=max(settings.stream_max_secs, settings.request_timeout_secs),
+        recorder=recorder,
     )
     return Services(
         settings=settings,
@@ -365,4 +378,5 @@ def build_services(
         budgets=budgets,
         tracing=tracing,
         prices=prices,
+        recorder=recorder,
     )

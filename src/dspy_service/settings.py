@@ -121,6 +121,18 @@ class Settings(BaseSettings):
 
     simulator_port: int = Field(default=8099, ge=0, le=65535)
 
+    # The records store (records/): a receipt per prediction, feedback, and the prediction log.
+    data_dir: Path = Path("data")  # where the embedded SQLite database lives
+    database_url: SecretStr | None = None  # default: sqlite:///<DATA_DIR>/records.db
+    database_migrate: bool = True  # run the migrations at start (else: `dspy-service db upgrade`)
+    feedback_enabled: bool = False  # receipts (and POST /v1/feedback)
+    # The prediction log stores what was asked and answered: user data. Off unless asked for.
+    prediction_log: Literal["off", "sampled", "all"] = "off"
+    prediction_log_sample_rate: float = Field(default=0.1, ge=0, le=1)
+    prediction_log_exclude_fields: str = ""  # comma-separated input fields never stored
+    records_retention_days: float = Field(default=30, gt=0)
+    records_queue_size: int = Field(default=10_000, ge=1)
+
     # OpenTelemetry tracing: the standard variables; an OTLP endpoint turns it on (tracing.py).
     otel_exporter_otlp_endpoint: str | None = None  # base URL: /v1/traces is appended
     otel_exporter_otlp_traces_endpoint: str | None = None  # full URL of the traces endpoint
@@ -137,6 +149,7 @@ class Settings(BaseSettings):
         "redis_tls_ca_file",
         "redis_tls_cert_file",
         "redis_tls_key_file",
+        "database_url",
         mode="before",
     )
     @classmethod
@@ -215,6 +228,21 @@ class Settings(BaseSettings):
         )
 
     @property
+    def records_enabled(self) -> bool:
+        """Receipts are kept when feedback is on or the prediction log is (it hangs on them)."""
+        return self.feedback_enabled or self.prediction_log != "off"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'records.db').resolve()}"
+
+    @property
+    def prediction_log_excluded(self) -> frozenset[str]:
+        return frozenset(f.strip() for f in self.prediction_log_exclude_fields.split(",") if f.strip())
+
+    @property
     def cors_origins(self) -> list[str]:
         return [origin.strip() for origin in self.cors_allow_origins.split(",") if origin.strip()]
 
@@ -268,6 +296,8 @@ class Settings(BaseSettings):
             found.append(self.openai_api_key.get_secret_value())
         if self.redis_sentinel_password is not None:
             found.append(self.redis_sentinel_password.get_secret_value())
+        if self.database_url is not None:
+            found += url_secrets(self.database_url.get_secret_value())
         if self.api_keys is not None:
             found += [
                 entry.split()[0] for entry in self.api_keys.get_secret_value().split(",") if entry.split()
@@ -287,6 +317,8 @@ class Settings(BaseSettings):
         view["redis_cache_url"] = self.redacted_redis_cache_url()
         view["openai_api_key"] = "***" if self.openai_api_key is not None else None
         view["redis_sentinel_password"] = "***" if self.redis_sentinel_password is not None else None
+        view["database_url"] = redact_url(self.effective_database_url)
+        view["data_dir"] = str(self.data_dir)
         for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
             view[name] = str(value) if (value := getattr(self, name)) is not None else None
         if self.openai_base_url is not None:

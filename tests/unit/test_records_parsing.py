@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from dspy_service.feedback_metrics import FeedbackMetrics, InvalidFeedbackValue, UnknownMetric
 from dspy_service.records.database import async_url, dialect_of
 from dspy_service.records.export import parse_since
-from dspy_service.records.feedback import FeedbackMetrics, InvalidFeedbackValue, UnknownMetric
 
 ISSUE_EXAMPLE = {
     "metrics": {

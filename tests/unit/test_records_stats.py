@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dspy_service.records.feedback import FeedbackMetrics
+from dspy_service.feedback_metrics import FeedbackMetrics
 from dspy_service.records.intervals import t_quantile
 from dspy_service.records.stats import Sums, quality_report
 

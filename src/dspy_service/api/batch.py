@@ -103,7 +103,7 @@ async def _predict_item(
     request_id = parsed.request_id or default_id
     async with limit:
         try:
-            result = await predictor.predict(prediction_input(parsed, scope.tenant))
+            result = await predictor.predict(prediction_input(parsed, scope.tenant, request_id, "batch"))
         except ServiceError as exc:
             return _item_error(metrics, exc, request_id)
         except Exception as exc:  # a bug in one item must not take the others' answers with it

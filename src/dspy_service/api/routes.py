@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import structlog
@@ -52,7 +52,10 @@ def prediction_body(request_id: str, result: Prediction) -> dict[str, Any]:
 
 
 async def read_prediction_input(
-    scope: Scope, receive: Receive, validation_context: dict[str, Any]
+    scope: Scope,
+    receive: Receive,
+    validation_context: dict[str, Any],
+    source: Literal["predict", "stream"] = "predict",
 ) -> PredictionInput | None:
     """Read and validate a `/v1/predict` body (None if the client left before sending it all); a
     `request_id` in the body becomes the request's ID from here on."""
@@ -75,10 +78,15 @@ async def read_prediction_input(
     log_fields = state["log"]
     log_fields["model"] = parsed.model
     log_fields["variant"] = parsed.variant
-    return prediction_input(parsed, state.get("tenant"))
+    return prediction_input(parsed, state.get("tenant"), state["request_id"], source)
 
 
-def prediction_input(parsed: PredictRequest, tenant: str | None) -> PredictionInput:
+def prediction_input(
+    parsed: PredictRequest,
+    tenant: str | None,
+    request_id: str | None = None,
+    source: Literal["predict", "batch", "stream"] = "predict",
+) -> PredictionInput:
     """A validated request body (a single request's or a batch item's) as the predictor's input.
     (`input` or `inputs`, exactly one, is checked here rather than by a pydantic model validator:
     a plain comparison, not a validator call, on every request.)"""
@@ -96,6 +104,8 @@ def prediction_input(parsed: PredictRequest, tenant: str | None) -> PredictionIn
         inputs=parsed.inputs,
         user_id=parsed.user_id,
         tenant=tenant,
+        request_id=request_id,
+        source=source,
     )
 
 

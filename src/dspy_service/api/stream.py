@@ -59,7 +59,7 @@ class StreamEndpoint:
         self._validation_context = {"max_input_chars": services.settings.max_input_chars}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = await read_prediction_input(scope, receive, self._validation_context)
+        request = await read_prediction_input(scope, receive, self._validation_context, "stream")
         if request is None:
             return
         state = scope["state"]

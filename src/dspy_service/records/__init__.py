@@ -2,18 +2,12 @@
 production): what closes the DSPy loop (feedback, datasets, quality per variant) and keeps spend
 durable beyond Redis. The prediction path only ever calls `RecordStore.submit` (a queue append)."""
 
+from dspy_service.feedback_metrics import FeedbackMetrics, InvalidFeedbackValue, MetricSpec, UnknownMetric
 from dspy_service.records.costs_rebuild import DaySpend, rebuild_cost_totals, spend_today
 from dspy_service.records.database import RecordsUnavailable, async_url, create_engine
 from dspy_service.records.entries import LoggedPrediction, Receipt
 from dspy_service.records.export import export_jsonl, parse_since
-from dspy_service.records.feedback import (
-    FeedbackMetrics,
-    FeedbackOutcome,
-    InvalidFeedbackValue,
-    MetricSpec,
-    UnknownMetric,
-    record_feedback,
-)
+from dspy_service.records.feedback import FeedbackOutcome, record_feedback
 from dspy_service.records.migrate import current_revision, head_revision, run_db_upgrade, upgrade_to_head
 from dspy_service.records.retention import Deleted, RetentionTask, delete_older_than
 from dspy_service.records.stats import quality_by_variant

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dspy_service.records.feedback import FeedbackMetrics, MetricType
+from dspy_service.feedback_metrics import FeedbackMetrics, MetricType
 from dspy_service.records.intervals import (
     Difference,
     Interval,

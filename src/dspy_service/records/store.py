@@ -23,11 +23,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from dspy_service.feedback_metrics import FeedbackMetrics
 from dspy_service.records.costs_rebuild import DaySpend, rebuild_cost_totals, spend_today
 from dspy_service.records.database import RecordsUnavailable, create_engine
 from dspy_service.records.entries import LoggedPrediction, Receipt
 from dspy_service.records.export import export_jsonl
-from dspy_service.records.feedback import FeedbackMetrics, FeedbackOutcome, record_feedback
+from dspy_service.records.feedback import FeedbackOutcome, record_feedback
 from dspy_service.records.migrate import MIGRATION_ERRORS, describe_failure, upgrade_to_head
 from dspy_service.records.retention import RetentionTask
 from dspy_service.records.stats import quality_by_variant
