@@ -1,5 +1,6 @@
-"""`dspy-service serve | simulate`, the client commands `predict | costs` (client_cli.py) and
-`optimize` (optimize_cli.py).
+"""`dspy-service serve | simulate`, the client commands `predict | costs` (client_cli.py),
+`optimize` (optimize_cli.py), and the records commands `db upgrade | db current | export`
+(records_cli.py).
 
 Arguments only: serving one process is serving.py's, several worker processes workers.py's."""
 
@@ -10,7 +11,7 @@ import sys
 
 import uvicorn
 
-from dspy_service import client_cli, optimize_cli
+from dspy_service import client_cli, optimize_cli, records_cli
 from dspy_service.logs import configure_logging
 from dspy_service.serving import Hangups, free_port, load_configuration, run_service, warn_simulated
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--hang", action="store_true")
     client_cli.add_commands(commands)
     optimize_cli.add_command(commands)
+    records_cli.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command in ("predict", "costs"):
         return client_cli.run(args)
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_command()
     if args.command == "optimize":
         return optimize_cli.run(args)
+    if args.command in ("db", "export"):
+        return records_cli.run(args)
     return _simulate(args)
 
 
