@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dspy_service.errors import InvalidRequest
@@ -104,14 +105,23 @@ class FeedbackMetrics(BaseModel):
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    """The value as the client wrote it, in JSON (`null`, `"yes"`, `true`), cut short."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # orjson writes NaN and infinities as null
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits, or a value that came from elsewhere than JSON
+        text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _number(metric: str, spec: MetricSpec, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidFeedbackValue(f"metric {metric!r} takes a number, not {_shown(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
     if not math.isfinite(number):
         raise InvalidFeedbackValue(f"metric {metric!r} takes a finite number, not {_shown(value)}")
     low = -math.inf if spec.min is None else spec.min

@@ -147,7 +147,7 @@ async def test_wrong_metric_or_value_is_a_typed_error(db_url: str) -> None:
         assert await store.writer.flush(10)
         with pytest.raises(UnknownMetric, match="unknown feedback metric 'stars'"):
             await give(store, "r1", "stars", 5)
-        with pytest.raises(InvalidFeedbackValue, match="takes true or false, not 'yes'"):
+        with pytest.raises(InvalidFeedbackValue, match='takes true or false, not "yes"'):
             await give(store, "r1", "helpful", "yes")
         with pytest.raises(InvalidFeedbackValue, match="from 1 to 5, not 9"):
             await give(store, "r1", "rating", 9)

@@ -75,9 +75,9 @@ def test_values_are_stored_by_type() -> None:
     ("metric", "value", "problem"),
     [
         ("helpful", 1, "metric 'helpful' takes true or false, not 1"),
-        ("helpful", "yes", "takes true or false, not 'yes'"),
-        ("rating", True, "metric 'rating' takes a number, not True"),
-        ("rating", "4", "takes a number, not '4'"),
+        ("helpful", "yes", 'takes true or false, not "yes"'),
+        ("rating", True, "metric 'rating' takes a number, not true"),
+        ("rating", "4", 'takes a number, not "4"'),
         ("rating", 7, "metric 'rating' takes a number from 1 to 5, not 7"),
         ("rating", 0.5, "from 1 to 5, not 0.5"),
         ("rating", float("nan"), "takes a finite number"),
