@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dspy_service.feedback_metrics import FeedbackMetrics
@@ -121,7 +122,13 @@ class RecordStore:
         *,
         variants: tuple[str, ...] = (),
     ) -> dict[str, Any]:
-        return await quality_by_variant(self.engine, default_variant, metrics, since, variants=variants)
+        """See stats.quality_by_variant; RecordsUnavailable when the database cannot answer."""
+        try:
+            return await quality_by_variant(self.engine, default_variant, metrics, since, variants=variants)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise RecordsUnavailable(
+                f"the records database is unavailable ({type(exc).__name__})", retry_after=5
+            ) from exc
 
     async def cost_totals(self, since: datetime | None = None) -> dict[str, dict[str, Any]]:
         return await rebuild_cost_totals(self.engine, since)
