@@ -13,6 +13,7 @@ import copy
 from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from dspy_service.api.experiment_schemas import experiment_components
 from dspy_service.api.predict_schema import INT64, predict_request_components
 from dspy_service.api.programs import RenderedJSON, listing_schema, programs_key
 from dspy_service.api.schemas import MAX_PARAMETER_DEPTH, BatchRequest
@@ -29,7 +30,9 @@ _REQUEST = {"$ref": "#/components/schemas/PredictRequest"}
 
 
 def _error_types() -> list[str]:
-    found: set[str] = {"method_not_allowed", "http_error", "internal_error"}
+    # records_unavailable's class is imported only with the records store on: named here, so that
+    # the document does not depend on what the process happens to have imported.
+    found: set[str] = {"method_not_allowed", "http_error", "internal_error", "records_unavailable"}
     pending: list[type[ServiceError]] = [ServiceError]
     while pending:
         cls = pending.pop()
@@ -348,16 +351,44 @@ def build_openapi(
         }
     }
 
+    # 429 on routes without a rate limit of their own: only for callers guessing keys (api/auth.py).
+    guessing_limited = (
+        {
+            "429": _error(
+                "RATE_LIMIT: too many requests without a valid API key from this address", "Retry-After"
+            )
+        }
+        if auth and settings.rate_limit_rule is not None
+        else {}
+    )
+    experiments = get(
+        "experiments",
+        "A/B report per variant: traffic from this replica's counters, quality from the feedback "
+        "(fleet-wide, with the records store on)",
+        {
+            "200": _ok("report", {"$ref": "#/components/schemas/Experiments"}),
+            **unauthorized,
+            **forbidden,
+            "422": _error("`since` is neither an age (7d, 12h, 30m) nor an ISO date or time"),
+            **guessing_limited,
+        },
+        parameters=[
+            {
+                "name": "since",
+                "in": "query",
+                "required": False,
+                "description": "quality of the predictions made since then: an age (`7d`, `12h`, `30m`, "
+                "`2w`) or an ISO date or time (UTC unless it names a zone); default: all kept",
+                "schema": {"type": "string"},
+            }
+        ],
+        **protected,
+    )
     paths = {
         "/v1/predict": predict,
         "/v1/predict/batch": batch,
         "/v1/predict/stream": predict_stream,
-        "/v1/experiments": get(
-            "experiments",
-            "A/B report per variant, from this replica's counters",
-            {"200": _ok("report", {"type": "object"}), **unauthorized, **forbidden},
-            **protected,
-        ),
+        "/v1/experiments": experiments,
         "/health": get("health", "Liveness", {"200": _ok("serving", _HEALTH)}, security=[]),
         "/ready": get(
             "ready",
@@ -414,12 +445,15 @@ def build_openapi(
     }
     if settings.metrics_port:
         del paths["/metrics"]  # served on METRICS_PORT, not here
+    if settings.feedback_enabled:
+        paths["/v1/feedback"] = _feedback_path(protected, unauthorized, guessing_limited)
     components: dict[str, Any] = {
         "schemas": {
             "Error": _error_schema(),
             "StreamChunk": _STREAM_CHUNK,
             **_parameter_values(),
             **predict_request_components(settings, config, programs),
+            **experiment_components(config.feedback, feedback=settings.feedback_enabled),
         },
         "headers": {
             "RequestID": {"required": True, "schema": {"type": "string", "minLength": 1}},
@@ -439,6 +473,44 @@ def build_openapi(
         "paths": paths,
         "components": components,
     }
+
+
+def _feedback_path(
+    protected: dict[str, Any], unauthorized: dict[str, Any], limited: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": "feedback",
+            "summary": "A value of one of the models file's feedback metrics, on one prediction",
+            "description": "Upsert per (request, metric): the first value is created (201), another "
+            "replaces it (200). Only the tenant whose key made the request may give it feedback.",
+            **protected,
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}}},
+            },
+            "responses": {
+                "201": _ok("the first value of this metric on this request, kept", _FEEDBACK_RECEIPT),
+                "200": _ok("an earlier value of this metric on this request, replaced", _FEEDBACK_RECEIPT),
+                **unauthorized,
+                "404": _error(
+                    "no prediction with this request_id was made by this key's tenant (another tenant's "
+                    "request is answered exactly as one never made)"
+                ),
+                "408": _error("the request body did not arrive within BODY_READ_TIMEOUT_SECS"),
+                "413": _error("body over MAX_BODY_BYTES"),
+                "422": _error(
+                    "invalid JSON or body, a missing or unknown field, an unknown metric, a value of the "
+                    "wrong type or out of the metric's range"
+                ),
+                **limited,
+                "503": _error("the records database cannot keep the value now", "Retry-After"),
+            },
+        }
+    }
+
+
+_FEEDBACK_RECEIPT = {"$ref": "#/components/schemas/FeedbackReceipt"}
 
 
 class OpenAPIEndpoint(RenderedJSON):
@@ -463,6 +535,7 @@ class OpenAPIEndpoint(RenderedJSON):
                 config.ab_testing_enabled,
                 tuple(config.ab_weights.items()),
                 bool(config.budgets.models or config.budgets.tenants),
+                config.feedback.model_dump_json(),
                 services.keyring is not None,
             )
 
