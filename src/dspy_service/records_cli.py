@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,13 @@ Configured from the environment as `dspy-service serve` is (DATABASE_URL, else r
 DATA_DIR; MODELS_CONFIG for the feedback metrics). Prints how many lines it wrote, and when that
 is none, why; any problem is one line on stderr and exits 2.
 """
+
+
+# What reaching a database may raise besides records.migrate.MIGRATION_ERRORS (SQLAlchemy's errors,
+# OSError, TimeoutError): a URL parameter the driver does not take (libpq's `sslmode=` given to
+# asyncpg) is a TypeError from its connect(). Both end in one line, never a traceback.
+_URL_ERRORS = (TypeError, ValueError)
+_UNKNOWN_PARAMETER = re.compile(r"unexpected keyword argument '([^']+)'")
 
 
 class _Refused(Exception):
@@ -143,10 +151,35 @@ def _unreadable(url: str, exc: BaseException) -> str:
 
     lines = str(exc).splitlines()
     detail = lines[0] if lines and lines[0] else type(exc).__name__
+    unknown = _UNKNOWN_PARAMETER.search(detail) if isinstance(exc, TypeError) else None
+    if unknown is not None:
+        name = unknown.group(1)
+        detail = f"the database driver takes no URL parameter {name!r}"
+        if name == "sslmode":
+            detail += " (for TLS with asyncpg: ?ssl=require)"
     password = make_url(async_url(url)).password
     if password:
         detail = detail.replace(str(password), "***")
     return f"cannot read {redact_url(url)}: {detail}"
+
+
+def _database_url(settings: Settings) -> str:
+    """DATABASE_URL (else the SQLite default), once it is known to parse as a database URL."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from dspy_service.records import async_url
+
+    url = settings.effective_database_url
+    expected = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE or sqlite:///PATH"
+    try:
+        backend = make_url(async_url(url)).get_backend_name()
+    except (ArgumentError, ValueError):
+        # Not echoed: an unparsable URL may show its password anywhere.
+        raise _Refused(f"DATABASE_URL cannot be read as a database URL; expected {expected}") from None
+    if backend not in ("postgresql", "sqlite"):
+        raise _Refused(f"DATABASE_URL names a {backend} database; the records take {expected}")
+    return url
 
 
 def _missing_sqlite_file(url: str) -> Path | None:
@@ -161,11 +194,20 @@ def _db(action: str) -> int:
     settings = _settings()
     if isinstance(settings, int):
         return settings
-    url = settings.effective_database_url
+    try:
+        url = _database_url(settings)
+    except _Refused as exc:
+        print(f"dspy-service: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if action == "upgrade":
         from dspy_service.records import run_db_upgrade
 
-        return EXIT_OK if run_db_upgrade(url) == 0 else EXIT_USAGE
+        try:
+            migrated = run_db_upgrade(url)  # says what happened, or why not (its own errors)
+        except _URL_ERRORS as exc:
+            print(f"dspy-service: {_unreadable(url, exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK if migrated == 0 else EXIT_USAGE
     return _db_current(url)
 
 
@@ -181,7 +223,7 @@ def _db_current(url: str) -> int:
         return EXIT_NOT_AT_HEAD
     try:
         revision = current_revision(url)
-    except MIGRATION_ERRORS as exc:
+    except (*MIGRATION_ERRORS, *_URL_ERRORS) as exc:
         print(f"dspy-service: {_unreadable(url, exc)}", file=sys.stderr)
         return EXIT_USAGE
     if revision == head:
@@ -235,7 +277,7 @@ def _check_schema(settings: Settings, url: str) -> None:
         )
     try:
         revision = current_revision(url)
-    except MIGRATION_ERRORS as exc:
+    except (*MIGRATION_ERRORS, *_URL_ERRORS) as exc:
         raise _Refused(_unreadable(url, exc)) from None
     head = head_revision()
     if revision != head:
@@ -274,13 +316,13 @@ def _export(args: argparse.Namespace) -> str | int:
     _check_metric(config, args.metric, args.min_value)
     out: Path = args.out
     _check_out(out)
-    url = settings.effective_database_url
+    url = _database_url(settings)
     _check_schema(settings, url)
     from dspy_service.records.migrate import MIGRATION_ERRORS
 
     try:
         count, reason = asyncio.run(_write(url, args, since))
-    except MIGRATION_ERRORS as exc:
+    except (*MIGRATION_ERRORS, *_URL_ERRORS) as exc:
         raise _Refused(_unreadable(url, exc)) from None
     described = _describe(args, since)
     if count == 0:

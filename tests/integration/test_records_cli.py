@@ -116,6 +116,37 @@ def test_a_database_that_cannot_be_reached_is_one_line_without_its_password(tmp_
         assert secret not in message
 
 
+@pytest.mark.parametrize(
+    ("args", "url", "problem"),
+    [
+        (
+            ("db", "current"),
+            f"postgresql://postgres:pw-sslmode-99@{PG_HOST}:5432/postgres?sslmode=require",
+            "the database driver takes no URL parameter 'sslmode' (for TLS with asyncpg: ?ssl=require)",
+        ),
+        (
+            ("db", "upgrade"),
+            "postgresql://postgres:pw-broken-99@[::1/records",
+            "DATABASE_URL cannot be read as a database URL; expected postgresql://",
+        ),
+        (
+            ("export", "--variant", "baseline", "--out", "t.jsonl"),
+            "mysql://root:pw-mysql-99@localhost/records",
+            "DATABASE_URL names a mysql database; the records take postgresql://",
+        ),
+    ],
+    ids=["libpq parameter", "unparsable", "another database"],
+)
+def test_a_database_url_the_records_cannot_use_is_named_without_its_password(
+    tmp_path: Path, args: tuple[str, ...], url: str, problem: str
+) -> None:
+    """libpq's sslmode= (asyncpg takes ssl=), a URL that does not parse, a database other than
+    PostgreSQL or SQLite: one line saying so, the password nowhere in it."""
+    message = refused_with(cli(tmp_path, *args, DATABASE_URL=url))
+    assert problem in message
+    assert "pw-" not in message
+
+
 def test_an_invalid_environment_is_named(tmp_path: Path) -> None:
     """Settings are read as `serve` reads them, and refused as it refuses them."""
     message = refused_with(cli(tmp_path, "db", "upgrade", DATA_DIR=str(tmp_path), PREDICTION_LOG="sometimes"))
