@@ -42,7 +42,7 @@ def _value_schema(spec: MetricSpec) -> dict[str, Any]:
         "type": "string",
         "minLength": 1,
         "maxLength": spec.max_length or DEFAULT_COMMENT_CHARS,
-        "pattern": "^[^\\x00]*\\S[^\\x00]*$",
+        "pattern": "^(?!\\s*$)[^\\x00]*$",  # not blank, no NUL
         "description": "a text that is not blank, without NUL characters",
     }
 
