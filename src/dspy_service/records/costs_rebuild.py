@@ -105,12 +105,15 @@ def _receipt_deltas(row: Any) -> list[tuple[str, CostTotals]]:
 
 
 async def rebuild_cost_totals(
-    engine: AsyncEngine, since: datetime | None = None
+    engine: AsyncEngine, since: datetime | None = None, *, until: datetime | None = None
 ) -> dict[str, dict[str, Any]]:
-    """`/costs` rows (name -> CostTotals.to_json()) from every receipt kept (made since `since`)."""
+    """`/costs` rows (name -> CostTotals.to_json()) from every receipt kept (made since `since`, and
+    before `until`)."""
     query = select(*_COLUMNS).order_by(ReceiptRow.id).execution_options(yield_per=_CHUNK)
     if since is not None:
         query = query.where(ReceiptRow.created_at >= since)
+    if until is not None:
+        query = query.where(ReceiptRow.created_at < until)
     totals: dict[str, CostTotals] = {}
     async with engine.connect() as connection:
         result = await connection.stream(query)
@@ -131,13 +134,18 @@ class DaySpend:
     by_tenant: dict[str, float] = field(default_factory=dict)
 
 
-async def spend_today(engine: AsyncEngine, now: datetime | None = None) -> DaySpend:
-    """What was spent today (UTC), per model and per tenant, from the receipts."""
+async def spend_today(
+    engine: AsyncEngine, now: datetime | None = None, *, until_now: bool = False
+) -> DaySpend:
+    """What was spent today (UTC), per model and per tenant, from the receipts (with `until_now`,
+    only those made before `now`)."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
     midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    before = (ReceiptRow.created_at < moment,) if until_now else ()
     query = (
         select(*_COLUMNS)
         .where(
+            *before,
             ReceiptRow.created_at >= midnight,
             ReceiptRow.cache_level.is_(None),
             ReceiptRow.coalesced.is_(False),
