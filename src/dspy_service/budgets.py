@@ -109,6 +109,22 @@ class Budgets:
         self._day = day
         self._fleet = {key: value for key, value in self._fleet.items() if f":{day}:" in key}
 
+    def forget_confirmed(self) -> None:
+        """See BatchWriter.forget_confirmed (the state was lost and is rebuilt from the receipts)."""
+        if self._writer is not None:
+            self._writer.forget_confirmed()
+
+    def restore_commands(
+        self, day: str, by_model: dict[str, float], by_tenant: dict[str, float]
+    ) -> list[Command]:
+        """The commands that add a day's spend (rebuilt from the receipts: cost_recovery.py) to the
+        spend keys of the budgets there are, as any spend is added."""
+        spend = {f"{self._spend_prefix}{day}:model:{name}": by_model.get(name, 0.0) for name in self._models}
+        spend |= {
+            f"{self._spend_prefix}{day}:tenant:{name}": by_tenant.get(name, 0.0) for name in self._tenants
+        }
+        return _increments({key: usd for key, usd in spend.items() if usd})
+
     def seconds_to_midnight(self) -> float:
         return _DAY_SECS - self._clock() % _DAY_SECS
 

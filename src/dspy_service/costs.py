@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -166,6 +166,9 @@ class CostLedger:
         self._index = prefix + "costs-index"  # the set of row names
         self._writer = BatchWriter(link, "costs", self._increments) if link is not None else None
         self._task: asyncio.Task[None] | None = None
+        # Run before each periodic flush: the epoch check (redis_epoch.py), so that a state Redis
+        # emptied under a live connection is noticed before this replica's next flush lands in it.
+        self.before_flush: Callable[[], Awaitable[None]] | None = None
 
     def record_miss(
         self,
@@ -246,6 +249,8 @@ class CostLedger:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
+            if self.before_flush is not None:
+                await self.before_flush()
             await self.flush()
 
     async def flush(self) -> bool:
@@ -278,6 +283,16 @@ class CostLedger:
                     fleet.setdefault(name, CostTotals()).add(delta)
                 return {name: totals.to_json() for name, totals in sorted(fleet.items())}, "fleet"
         return {name: totals.to_json() for name, totals in sorted(self._local.items())}, "replica"
+
+    def forget_confirmed(self) -> None:
+        """See BatchWriter.forget_confirmed (the state was lost and is rebuilt from the receipts)."""
+        if self._writer is not None:
+            self._writer.forget_confirmed()
+
+    def restore_commands(self, rows: dict[str, CostTotals]) -> list[Command]:
+        """The commands that add `rows` (rebuilt from the receipts: cost_recovery.py) to the fleet
+        totals, as a flush adds its deltas."""
+        return self._increments(rows)
 
     def _increments(self, batch: dict[str, CostTotals]) -> list[Command]:
         commands: list[Command] = []

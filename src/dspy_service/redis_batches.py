@@ -128,6 +128,11 @@ class BatchWriter(Generic[BatchT]):
                 self._remember(token, batch)
             return True
 
+    def forget_confirmed(self) -> None:
+        """Keep nothing to send again after a rollback: the state was lost whole and its totals are
+        rebuilt from the receipts (cost_recovery.py), which hold these batches too."""
+        self._confirmed.clear()
+
     def _remember(self, token: str, batch: BatchT) -> None:
         now = time.monotonic()
         self._confirmed.append((now, token, batch))

@@ -42,6 +42,7 @@ from dspy_service.tracing import Tracing, build_tracing
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
+    from dspy_service.cost_recovery import CostRecovery
     from dspy_service.recording import Recorder
 
 _log = get_logger("dspy_service.services")
@@ -84,6 +85,7 @@ class Services:
     cache_link: RedisLink | None = None  # the cache's own Redis (REDIS_CACHE_URL), if it has one
     epoch: StateEpoch | None = None  # notices a state Redis that came back empty
     recorder: Recorder | None = None  # receipts, feedback, the prediction log (records/)
+    recovery: CostRecovery | None = None  # rebuilds lost fleet totals from the receipts
     # Price per provider model id, shared with the predictor (its `prices` is this dict's `get`):
     # a reload updates it in place.
     prices: dict[str, Price | None] = field(default_factory=dict)
@@ -92,6 +94,9 @@ class Services:
         if self.redis_link is not None:
             if self.epoch is not None:  # first among the link's listeners: before anything is flushed
                 self.redis_link.on_reconnect(self.epoch.check)
+                self.ledger.before_flush = self.epoch.check
+                if self.recovery is not None:
+                    self.epoch.on_begun(self.recovery.epoch_begun)
             await self.redis_link.start()
             if self.epoch is not None:
                 await self.epoch.check()
@@ -140,6 +145,8 @@ class Services:
                 async with asyncio.timeout(1.0):
                     await self.threads.wait_idle()
             _log.info("service.program_threads", still_running=self.threads.abandoned)
+        if self.recovery is not None:
+            await self.recovery.close()
         await self.ledger.close()
         if self.budgets is not None:
             await self.budgets.close()
@@ -328,11 +335,14 @@ def build_services(
     rule = settings.rate_limit_rule
     rate_limiter = RateLimiter(link, limit=rule[0], period_secs=rule[1]) if rule is not None else None
     threads = ProgramThreads(metrics.program_threads_busy)
-    recorder = None
+    recorder = recovery = None
     if settings.records_enabled:
-        from dspy_service.recording import build_recorder  # SQLAlchemy only when records are on
+        from dspy_service.cost_recovery import CostRecovery  # SQLAlchemy only when records are on
+        from dspy_service.recording import build_recorder
 
         recorder = build_recorder(settings, metrics)
+        if link is not None:  # every prediction has a receipt: its spend survives Redis
+            recovery = CostRecovery(link, recorder.store, ledger, budgets)
     predictor = Predictor(
         config=models_config,
         programs=programs,
@@ -379,4 +389,5 @@ def build_services(
         tracing=tracing,
         prices=prices,
         recorder=recorder,
+        recovery=recovery,
     )
