@@ -41,6 +41,7 @@ def build_recorder(settings: Settings, metrics: Metrics) -> Recorder:
         settings.effective_database_url,
         queue_size=settings.records_queue_size,
         retention_days=settings.records_retention_days,
+        retention_interval_secs=settings.records_retention_interval_secs,
         on_dropped=dropped,
     )
     return Recorder(

@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     prediction_log_sample_rate: float = Field(default=0.1, ge=0, le=1)
     prediction_log_exclude_fields: str = ""  # comma-separated input fields never stored
     records_retention_days: float = Field(default=30, gt=0)
+    records_retention_interval_secs: float = Field(default=3600, gt=0)  # how often the retention runs
     records_queue_size: int = Field(default=10_000, ge=1)
 
     # OpenTelemetry tracing: the standard variables; an OTLP endpoint turns it on (tracing.py).
