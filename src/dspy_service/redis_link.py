@@ -22,22 +22,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
-from dspy_service.redis_topology import (
-    NodeStatus,
-    RedisClient,
-    RedisTopology,
-    open_client,
-    parse_topology,
-    ping,
-    reset,
-    survey,
-)
+from dspy_service.redis_clients import NodeStatus, RedisClient, open_client, ping, reset, survey
+from dspy_service.redis_topology import RedisTopology, parse_topology
 
 T = TypeVar("T")
 
@@ -64,9 +56,19 @@ def _safe(namespace: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", namespace)[:64]
 
 
-REDIS_FAILURES = (RedisError, OSError, TimeoutError)
-# The failures that say Redis is unreachable (rather than refusing one command).
-_OUTAGES = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+# RedisClusterException is not a RedisError: the cluster client raises it for a slot no node serves
+# (mid-failover) and for a map it cannot read.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+# The failures that say Redis is unreachable (rather than refusing one command): a cluster with a
+# slot down (CLUSTERDOWN, or a slot no node serves) is, for that moment, as good as unreachable.
+_OUTAGES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+    ClusterDownError,
+    SlotNotCoveredError,
+)
 MAX_CONNECTIONS = 64
 _LOG_EVERY_SECS = 60.0
 SURVEY_EVERY_SECS = 5.0  # how often each node is asked whether it answers, for /health
@@ -90,14 +92,13 @@ class RedisLink:
         probe_max_secs: float = 5.0,
     ) -> None:
         self.topology = parse_topology(topology) if isinstance(topology, str) else topology
-        self.client: RedisClient = open_client(
-            self.topology, timeout=timeout, max_connections=MAX_CONNECTIONS
-        )
+        self.timeout = timeout
+        self.client: RedisClient = self._open()
+        self._closing: set[asyncio.Task[None]] = set()  # replaced clients being closed
         self.nodes: list[NodeStatus] = []  # each node and whether it answered, as last surveyed
         self._survey_task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)  # one per pooled connection
         self._last_logged: dict[str, float] = {}  # command error kind -> when it was last logged
-        self.timeout = timeout
         self.connected = False
         self.metrics = metrics
         self._redacted_url = redacted_url
@@ -160,7 +161,7 @@ class RedisLink:
         except _OUTAGES as exc:
             self.mark_down(exc)
             return None
-        except RedisError as exc:  # Redis answered, refusing this one command: not an outage
+        except (RedisError, RedisClusterException) as exc:  # refused this one command: not an outage
             self.command_failed(exc)
             return None
         finally:
@@ -173,7 +174,13 @@ class RedisLink:
         now = time.monotonic()
         if now - self._last_logged.get(kind, -_LOG_EVERY_SECS) >= _LOG_EVERY_SECS:  # a full Redis
             self._last_logged[kind] = now  # refuses every write: one line a minute says so
-            _log.warning("redis.command_failed", error=type(exc).__name__, reply=kind, url=self._redacted_url)
+            _log.warning(
+                "redis.command_failed",
+                error=type(exc).__name__,
+                reply=kind,
+                detail=str(exc)[:200],
+                url=self._redacted_url,
+            )
 
     def mark_down(self, exc: BaseException) -> None:
         self.metrics.count_error("redis_error")
@@ -208,6 +215,19 @@ class RedisLink:
                 return RedisConnectionError("a node did not answer PING")
         except REDIS_FAILURES as exc:
             return exc
+
+    def _open(self) -> RedisClient:
+        return open_client(self.topology, timeout=self.timeout, max_connections=MAX_CONNECTIONS)
+
+    def _spawn_close(self, client: RedisClient) -> None:
+        async def close() -> None:
+            with contextlib.suppress(*REDIS_FAILURES, asyncio.CancelledError):
+                async with asyncio.timeout(5):
+                    await client.aclose()
+
+        task = asyncio.get_running_loop().create_task(close(), context=contextvars.Context())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def survey(self) -> list[NodeStatus]:
         """Ask every node now (what /health shows is the last survey, at most SURVEY_EVERY_SECS old)."""
@@ -257,16 +277,31 @@ class RedisLink:
         delay = self._probe_min
         while not self._closed:
             await asyncio.sleep(delay)
-            # Drop pooled sockets that died with the old server (and a cluster's slot map, a
-            # sentinel's idea of the primary) before trusting the link again.
-            with contextlib.suppress(*REDIS_FAILURES):
-                await reset(self.client)
-            if await self._ping() is None:
-                self._mark_up()
-                for listener in self._listeners:
-                    await listener()
-                return
+            try:
+                if await self._reconnect():
+                    return
+            except Exception as exc:  # the probe must outlive anything: it is what heals the link
+                _log.warning("redis.probe_failed", role=self.role, error=f"{type(exc).__name__}: {exc}"[:300])
             delay = min(delay * 2, self._probe_max)
+
+    async def _reconnect(self) -> bool:
+        # Drop pooled sockets that died with the old server (and a sentinel's idea of the primary)
+        # before trusting the link again. A cluster client is replaced whole: closing one in the
+        # middle of a resharding or a failover can wait on its own lock for as long as its stuck
+        # initialisation takes, and a new one reads the slot map afresh.
+        if self.topology.mode == "cluster":
+            old, self.client = self.client, self._open()
+            self._spawn_close(old)
+        else:
+            with contextlib.suppress(*REDIS_FAILURES):
+                async with asyncio.timeout(self.timeout):
+                    await reset(self.client)
+        if await self._ping() is not None:
+            return False
+        self._mark_up()
+        for listener in self._listeners:
+            await listener()
+        return True
 
 
 # redis-py turns some error replies into classes of their own and strips their prefix.

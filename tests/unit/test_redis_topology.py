@@ -72,6 +72,7 @@ def test_sentinel_needs_the_primary_name_and_reads_credentials_from_the_url() ->
         ("redis://h:1", {"cluster": True, "sentinels": "s:1", "master_name": "m"}, "cannot both"),
         (f"redis://{SECRET}@h:1", {}, "user:password@"),
         ("unix:///run/redis.sock", {"cluster": True}, "single server"),
+        (f"redis://:pa/{SECRET}@h:1/0", {}, "percent-encoded"),
     ],
 )
 def test_malformed_topologies_are_named_without_quoting_the_url(
