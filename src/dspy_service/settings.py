@@ -184,6 +184,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name}: {path} is not a readable file")
         if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
             raise ValueError("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE go together")
+        if self.database_url is not None:
+            check_database_url(self.database_url.get_secret_value())
         for name in ("openai_base_url", "otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint"):
             value = getattr(self, name)
             if value is not None and redact_url(value) == UNPARSABLE_URL:
@@ -347,6 +349,23 @@ def parse_rate_limit(text: str) -> tuple[int, int] | None:
     if found is None or int(found[1]) < 1:
         raise ValueError(f"RATE_LIMIT must look like '100/minute' (second, minute, hour, day), not {text!r}")
     return int(found[1]), _RATE_PERIODS[found[2].lower()]
+
+
+_DATABASE_SCHEMES = ("sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg")
+
+
+def check_database_url(url: str) -> None:
+    """DATABASE_URL names a database the records store can use, in words that never quote it."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in _DATABASE_SCHEMES:
+        raise ValueError(
+            "DATABASE_URL must be sqlite:///<path> or postgresql://user:password@host:5432/db "
+            f"(scheme {scheme or 'missing'!r} is not one the records store uses)"
+        )
+    if scheme.startswith("postgres") and "sslmode=" in url:
+        raise ValueError(
+            "DATABASE_URL: asyncpg takes ?ssl=require (or verify-full), not libpq's ?sslmode=..."
+        )
 
 
 UNPARSABLE_URL = "<unparsable URL>"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from dspy_service.errors import ConfigError
 from dspy_service.models_config import load_models_config
@@ -67,3 +68,22 @@ def test_prices_must_come_in_pairs(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"models\.x"):
         load_models_config(path)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("mysql://svc:pw-77119@db/records", "scheme 'mysql'"),
+        ("records.db", "scheme 'missing'"),
+        ("postgresql://svc:pw-77119@db/records?sslmode=require", "?ssl=require"),
+    ],
+)
+def test_a_database_url_the_store_cannot_use_stops_start_up_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    printed = "; ".join(error["msg"] for error in raised.value.errors(include_input=False, include_url=False))
+    assert problem in printed
+    assert "pw-77119" not in printed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import sys
 import threading
 from collections.abc import Iterator
@@ -81,6 +82,9 @@ async def _upgrade(url: str, config: Config, connect_timeout_secs: float) -> str
 def upgrade_to_head(url: str, *, connect_timeout_secs: float = 5.0) -> str | None:
     """Bring the database at `url` to the newest schema (creating it from nothing) and return its
     revision. Blocking: from async code, run it in a thread (`asyncio.to_thread`)."""
+    # Alembic's own INFO lines ("setup plugin", "Context impl") are noise in the service's log; its
+    # warnings and errors still show.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     with _IN_PROCESS, _sqlite_lock(url):
         return asyncio.run(_upgrade(url, _config(), connect_timeout_secs))
 
