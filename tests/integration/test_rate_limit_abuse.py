@@ -4,6 +4,7 @@ limited too, and a forged X-Forwarded-For changes nothing unless a proxy is trus
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from tests.integration.conftest import ServiceFactory
 from tests.support.processes import RedisServer, Simulator
@@ -63,3 +64,28 @@ def test_a_forged_forwarded_for_header_is_ignored_unless_a_proxy_is_trusted(
     assert statuses({}, "untrusting") == [200, 200, 200, 429, 429]
     redis_server.command("FLUSHALL")
     assert statuses({"FORWARDED_ALLOW_IPS": "127.0.0.1"}, "behind-proxy") == [200] * 5
+
+
+def test_feedback_counts_against_the_same_limit(
+    service_factory: ServiceFactory, sim: Simulator, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Each feedback is a database write: a client flooding /v1/feedback meets the rate limit
+    (429, counted with its predictions), and nothing past the limit reaches the database."""
+    redis_server.command("FLUSHALL")
+    service = service_factory(
+        RATE_LIMIT="4/minute",
+        FEEDBACK_ENABLED="true",
+        DATA_DIR=str(tmp_path / "data"),
+        SERVICE_NAME="fb-limit",
+    )
+    asked = service.http.post("/v1/predict", json={"model": "gpt-4", "input": f"rated {uuid.uuid4().hex}"})
+    assert asked.status_code == 200, asked.text
+    request_id = asked.json()["request_id"]
+    statuses = [
+        service.http.post(
+            "/v1/feedback", json={"request_id": request_id, "metric": "helpful", "value": True}
+        ).status_code
+        for _ in range(5)
+    ]
+    assert statuses[3:] == [429, 429], statuses
+    assert all(status != 429 for status in statuses[:3]), statuses

@@ -1,6 +1,7 @@
 """Abuse limits as plain ASGI middleware: request rate per client, and a deadline for reading a body.
 
-`RateLimitMiddleware` counts requests to the prediction routes (`/v1/predict...`), never probes, per
+`RateLimitMiddleware` counts requests to the prediction routes (`/v1/predict...`) and feedback
+(`/v1/feedback`, each a database write), never probes, per
 tenant or API key (per client address when authentication is off); over the limit: 429
 `rate_limited` with `Retry-After`, before the body is read. A batch counts as many requests as it has
 items (the endpoint counts the rest once it has read them), and requests refused with 401 are
@@ -25,6 +26,7 @@ from dspy_service.metrics import Metrics
 from dspy_service.ratelimit import RateLimiter
 
 LIMITED_PREFIX = "/v1/predict"  # /v1/predict and the routes under it (batch, stream)
+FEEDBACK_PATH = "/v1/feedback"
 
 
 _MAX_IDENTITY_CHARS = 80  # longer identities (a long address, say) are counted under their hash
@@ -73,7 +75,9 @@ class RateLimitMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(LIMITED_PREFIX):
+        if scope["type"] == "http" and (
+            scope["path"].startswith(LIMITED_PREFIX) or scope["path"] == FEEDBACK_PATH
+        ):
             state = scope.setdefault("state", {})
             if await refuse_if_limited(self.limiter, self.metrics, client_identity(scope), send, state):
                 return
