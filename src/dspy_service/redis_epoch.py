@@ -59,10 +59,10 @@ class StateEpoch:
         """Read (or start) the epoch; a change from the one seen before is a lost state."""
 
         async def read_or_start(client: Any) -> tuple[bool, Any, Any]:
-            pipe = client.pipeline(transaction=False)
-            pipe.set(self.key, utc_now_iso(), nx=True)
-            pipe.get(self.key)
-            started, raw = await pipe.execute()
+            # One command at a time, not a pipeline: redis-py's cluster pipelines do not follow the
+            # ASK and TRYAGAIN replies of a slot being migrated (the state's slot may be).
+            started = await client.set(self.key, utc_now_iso(), nx=True)
+            raw = await client.get(self.key)
             rebuilt = await client.get(rebuilt_key(self._link, _text(raw))) if raw is not None else None
             return bool(started), raw, rebuilt
 
