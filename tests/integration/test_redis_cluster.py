@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import TEST_API_KEY
-from tests.support.fleet_load import run_load, wait_for_fleet_totals
+from tests.support.fleet_load import recovered_batches, run_load, wait_for_fleet_totals
 from tests.support.metrics_text import sample_value
 from tests.support.processes import ServiceProcess, Simulator
 from tests.support.redis_keys import STATE_PREFIX
@@ -182,6 +182,10 @@ def test_a_primary_killed_under_load_costs_no_request_and_no_spend(
     assert totals["total_cost_usd"] == pytest.approx(load.cost_usd, rel=1e-9, abs=1e-12)
     assert totals["cache_hits"] == load.hits
     assert wait_for_fleet_totals(b, load) == totals  # both replicas read the same fleet figures
+    print(
+        f"state primary killed: {load.requests} requests from two replicas, none failed; fleet totals "
+        f"exact; {recovered_batches(fleet):g} confirmed batches found lost and applied once"
+    )
     assert a.http.get("/costs").headers.get("X-Costs-Since") == since
     for service in fleet:
         events = [line.get("event") for line in service.log_lines()]
@@ -213,6 +217,7 @@ def test_the_state_slot_resharded_under_load_costs_no_request_and_no_spend(
     assert totals["total_requests"] == load.requests
     assert totals["total_input_tokens"] == load.input_tokens
     assert totals["total_cost_usd"] == pytest.approx(load.cost_usd, rel=1e-9, abs=1e-12)
+    print(f"state slot resharded: {load.requests} requests from two replicas, none failed; totals exact")
     for service in fleet:
         page = service.http.get("/metrics").text
         assert sample_value(page, "dspy_redis_connected", role="state") == 1.0

@@ -92,6 +92,16 @@ def run_load(
     return result
 
 
+def recovered_batches(services: Sequence[ServiceProcess]) -> float:
+    """dspy_redis_batches_recovered_total summed over the fleet."""
+    total = 0.0
+    for service in services:
+        for line in service.http.get("/metrics").text.splitlines():
+            if line.startswith("dspy_redis_batches_recovered_total"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def fleet_totals(service: ServiceProcess) -> dict[str, float]:
     """The service-wide /costs rows summed: requests, tokens and cost (scope must be the fleet's)."""
     response = service.http.get("/costs")
