@@ -158,7 +158,8 @@ class BenchResults:
         values = [
             s.rss_mb
             for s in self.scenarios
-            if s.rss_mb is not None and s.key in ("memory_hit", "redis_hit", "miss_0ms", "miss_50ms")
+            if s.rss_mb is not None
+            and s.key in ("memory_hit", "memory_hit_receipts", "redis_hit", "miss_0ms", "miss_50ms")
         ]
         return max(values) if values else None
 
@@ -236,6 +237,7 @@ def compute_ratios(results: BenchResults) -> list[Ratio]:
             True,
             by_cpu=_divide(cpu("bare", 32), cpu("memory_hit", 32)),
         ),
+        *_receipt_ratios(rps, cpu),
         Ratio(
             "Redis hit / bare app, req/s at 32 conns",
             _divide(rps("redis_hit", 32), rps("bare", 32)),
@@ -296,6 +298,29 @@ def compute_ratios(results: BenchResults) -> list[Ratio]:
         if value is not None:
             ratios.append(Ratio(f"(baseline) {name}", value, target, higher, unit))
     return ratios
+
+
+def _receipt_ratios(
+    rps: Callable[[str, int], float | None], cpu: Callable[[str, int], float | None]
+) -> list[Ratio]:
+    """The memory-hit ratio with a receipt kept for every prediction, and how far below the ratio
+    without receipts (same rounds, same bare app) it is: the issue's target is within 0.05."""
+    on = _divide(rps("memory_hit_receipts", 32), rps("bare", 32))
+    if on is None:
+        return []
+    off = _divide(rps("memory_hit", 32), rps("bare", 32))
+    on_by_cpu = _divide(cpu("bare", 32), cpu("memory_hit_receipts", 32))
+    off_by_cpu = _divide(cpu("bare", 32), cpu("memory_hit", 32))
+    return [
+        Ratio("memory hit, receipts on / bare app, req/s at 32 conns", on, 0.5, True, by_cpu=on_by_cpu),
+        Ratio(
+            "memory hit / bare app: receipts off minus receipts on, 32 conns",
+            None if off is None else off - on,
+            0.05,
+            False,
+            by_cpu=None if off_by_cpu is None or on_by_cpu is None else off_by_cpu - on_by_cpu,
+        ),
+    ]
 
 
 # The module-program scenarios (bench.run.module_scenarios), for the program with aforward ("async")

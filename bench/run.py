@@ -31,6 +31,7 @@ import platform
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,11 @@ class Scenario:
 
 BARE = Scenario("bare", "bare Starlette app (ceiling)", PREDICT_PATH, "predict")
 MEMORY_HIT = Scenario("memory_hit", "memory hit", PREDICT_PATH, "predict", expect_cache="memory")
+# The same against a service that keeps a receipt of every prediction (FEEDBACK_ENABLED, the SQLite
+# default under DATA_DIR): what the records writer costs the fastest path.
+MEMORY_HIT_RECEIPTS = replace(
+    MEMORY_HIT, key="memory_hit_receipts", label="memory hit, receipts on (FEEDBACK_ENABLED, SQLite)"
+)
 # Distinct keys, so that lookups in flight together are for different keys, as in production; they
 # may still share one round trip (the service batches lookups made in one event-loop turn).
 REDIS_HIT = Scenario(
@@ -203,6 +209,7 @@ SCENARIO_GROUPS = {"modules": tuple(s.key for s in MODULE_SCENARIOS)}
 SCENARIOS = (
     BARE,
     MEMORY_HIT,
+    MEMORY_HIT_RECEIPTS,
     REDIS_HIT,
     MISS_0,
     MISS_50,
@@ -652,6 +659,22 @@ def probe_dspy(bench: Bench, calls: int) -> None:
     _log(f"DSPy in isolation: {plain:.2f} ms CPU per call")
 
 
+def note_receipts(service: ServiceProcess, database: Path) -> str:
+    """What the receipts service kept of the memory hits it served: written, dropped (queue full)."""
+    metrics = httpx.get(service.url + "/metrics", timeout=10).text
+    dropped = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("dspy_records_dropped_total{") and 'kind="receipt"' in line
+    )
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        written = int(connection.execute("SELECT count(*) FROM receipts").fetchone()[0])
+    return (
+        f"memory hit, receipts on: {written:,} receipts written to SQLite, {dropped:,.0f} dropped "
+        "(the writer's queue full) over the scenario's runs"
+    )
+
+
 def note_missing_bytecode(results: BenchResults) -> None:
     """Start-up is measured as installed: `make` writes the dependencies' .pyc files (uv pip install
     --compile-bytecode), as the image's pip install does. Say so where this venv has none."""
@@ -701,6 +724,9 @@ def run_all(options: Options, results: BenchResults) -> None:
                 base_redis_only = start(
                     bench.service(MEMORY_CACHE_SIZE="0", PYTHONPATH=str(options.baseline_src / "src"))
                 )
+        receipts = None
+        if MEMORY_HIT_RECEIPTS.key in wanted:
+            receipts = start(bench.service(FEEDBACK_ENABLED="true", DATA_DIR=str(workdir / "records")))
         two_workers = None
         if wanted & {MEMORY_HIT_2W.key, MISS_0_2W.key, MISS_50_2W.key}:
             two_workers = start(bench.service(workers=2))
@@ -715,6 +741,7 @@ def run_all(options: Options, results: BenchResults) -> None:
         server_of: dict[str, tuple[Process | None, Process | None]] = {
             BARE.key: (bare, None),
             MEMORY_HIT.key: (service, base_service),
+            MEMORY_HIT_RECEIPTS.key: (receipts, None),
             REDIS_HIT.key: (redis_only, base_redis_only),
             MISS_0.key: (service, base_service),
             MISS_50.key: (service, base_service),
@@ -735,8 +762,10 @@ def run_all(options: Options, results: BenchResults) -> None:
             if baseline is not None:
                 plan.append((baseline_of(scenario), baseline))
         bench.measure(plan)
+        if receipts is not None:
+            results.notes.append(note_receipts(receipts, workdir / "records" / "records.db"))
         if options.profile:
-            for scenario in (MEMORY_HIT, REDIS_HIT, MISS_0, *MODULE_SCENARIOS):
+            for scenario in (MEMORY_HIT, MEMORY_HIT_RECEIPTS, REDIS_HIT, MISS_0, *MODULE_SCENARIOS):
                 server = server_of[scenario.key][0]
                 if scenario.key in wanted and server is not None:
                     bench.profile(scenario, server)
