@@ -122,7 +122,7 @@ def test_a_database_that_cannot_be_reached_is_one_line_without_its_password(tmp_
         (
             ("db", "current"),
             f"postgresql://postgres:pw-sslmode-99@{PG_HOST}:5432/postgres?sslmode=require",
-            "the database driver takes no URL parameter 'sslmode' (for TLS with asyncpg: ?ssl=require)",
+            "asyncpg takes ?ssl=require (or verify-full), not libpq's ?sslmode=",
         ),
         (
             ("db", "upgrade"),
@@ -132,7 +132,7 @@ def test_a_database_that_cannot_be_reached_is_one_line_without_its_password(tmp_
         (
             ("export", "--variant", "baseline", "--out", "t.jsonl"),
             "mysql://root:pw-mysql-99@localhost/records",
-            "DATABASE_URL names a mysql database; the records take postgresql://",
+            "scheme 'mysql' is not one the records store uses",
         ),
     ],
     ids=["libpq parameter", "unparsable", "another database"],

@@ -187,6 +187,55 @@ async def test_receipts_are_written_in_batches(db_url: str) -> None:
         assert store.writer.dropped == {"receipt": 0, "prediction": 0, "feedback": 0}
 
 
+async def test_a_receipt_reads_back_as_it_was_whichever_way_it_was_written(db_url: str) -> None:
+    """Receipts alone go to SQLite as plain tuples (the writer's fast path), receipts with a logged
+    prediction through SQLAlchemy: both read back through the schema with the same values, the time
+    as an aware UTC datetime to the microsecond and the per-model usage as JSON."""
+    from dspy_service.results import ModelUsage
+
+    created = 1_764_590_400.123456  # 2025-12-01 12:00:00.123456 UTC
+    usage = {"gpt-4": ModelUsage(calls=2, input_tokens=30, output_tokens=7, cost_usd=0.0013)}
+    fields: dict[str, Any] = {
+        "tenant": "acme",
+        "source": "stream",
+        "ok": False,
+        "error_type": "provider_timeout",
+        "coalesced": True,
+        "input_tokens": 30,
+        "output_tokens": 7,
+        "cost_usd": None,
+        "cost_saved_usd": 0.5,
+        "usage_by_model": usage,
+        "unmetered_calls": 1,
+        "latency_ms": 12.5,
+        "created_at": created,
+    }
+    async with open_store(db_url, flush_interval_secs=60) as store:
+        store.submit(receipt("fast", **fields))
+        assert await store.writer.flush(10)
+        store.submit(receipt("slow", **fields), logged("q"))
+        assert await store.writer.flush(10)
+        async with store.engine.connect() as connection:
+            result = await connection.execute(select(*ReceiptRow.__table__.columns))
+            rows = {row.request_id: row for row in result}
+    expected_time = datetime(2025, 12, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    for name in ("fast", "slow"):
+        row = rows[name]
+        assert row.created_at == expected_time
+        assert (row.tenant, row.source, row.ok, row.error_type, row.coalesced) == (
+            "acme",
+            "stream",
+            False,
+            "provider_timeout",
+            True,
+        )
+        assert (row.input_tokens, row.output_tokens, row.cost_usd, row.cost_saved_usd) == (30, 7, None, 0.5)
+        assert (row.unmetered_calls, row.latency_ms) == (1, 12.5)
+        assert row.usage_by_model == {
+            "gpt-4": {"calls": 2, "input_tokens": 30, "output_tokens": 7, "cost_usd": 0.0013}
+        }
+
+
 async def test_a_partial_batch_goes_after_the_interval(db_url: str) -> None:
     """Three receipts and a batch size of 1000: written within the flush interval, unasked."""
     async with open_store(db_url, batch_size=1000, flush_interval_secs=0.2) as store:
