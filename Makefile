@@ -37,9 +37,13 @@ build: $(RUN_STAMP) ## install the service into .venv
 run: $(RUN_STAMP) ## run the service (simulated provider unless OPENAI_API_KEY is set)
 	$(VENV)/bin/dspy-service serve
 
+# Two workers, each running whole test modules (module-scoped services and Redis topologies stay
+# shared within a module): the suite spends most of its time waiting on the processes it starts.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) ## run the test suite (starts its own redis-server, simulator and services)
 	@command -v redis-server >/dev/null || { echo "redis-server is required: apt-get install redis-server"; exit 1; }
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
