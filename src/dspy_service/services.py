@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from dspy_service.recording import Recorder
 
 _log = get_logger("dspy_service.services")
+_STOP_STEP_SECS = 10.0  # longest one shutdown step may take (the records writer's drain takes 5)
 
 
 @dataclass
@@ -136,7 +138,20 @@ class Services:
         )
 
     async def stop(self) -> None:
-        cancelled = await self.predictor.cancel_upstream()  # their spend is counted before the flush
+        # Should shutdown still hang past its bounds, every thread's stack goes to stderr (the log).
+        faulthandler.dump_traceback_later(3 * _STOP_STEP_SECS, exit=False)
+        try:
+            await self._stop()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+
+    async def _stop(self) -> None:
+        cancelled = 0
+        try:
+            async with asyncio.timeout(_STOP_STEP_SECS):
+                cancelled = await self.predictor.cancel_upstream()  # their spend is counted before the flush
+        except TimeoutError:
+            _log.error("service.stop_step_timed_out", step="upstream calls", secs=_STOP_STEP_SECS)
         if cancelled:
             _log.warning("service.upstream_cancelled", calls=cancelled, detail="cut off by shutdown")
         if self.threads is not None and self.threads.abandoned:
@@ -145,20 +160,31 @@ class Services:
                 async with asyncio.timeout(1.0):
                     await self.threads.wait_idle()
             _log.info("service.program_threads", still_running=self.threads.abandoned)
+        # Each step is bounded: a step that hangs (a client whose close waits on a dead peer, say)
+        # is named in the log and the rest still run, so the process always exits.
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         if self.recovery is not None:
-            await self.recovery.close()
-        await self.ledger.close()
+            steps.append(("cost recovery", self.recovery.close))
+        steps.append(("cost totals", self.ledger.close))
         if self.budgets is not None:
-            await self.budgets.close()
+            steps.append(("budgets", self.budgets.close))
         if self.recorder is not None:
-            await self.recorder.close()  # what is queued is written, within a bound
+            steps.append(("records", self.recorder.close))  # what is queued is written, within a bound
         if self.redis_link is not None:
-            await self.redis_link.close()
+            steps.append(("redis", self.redis_link.close))
         if self.cache_link is not None:
-            await self.cache_link.close()
-        await self.lms.aclose()
+            steps.append(("cache redis", self.cache_link.close))
+        steps.append(("provider clients", self.lms.aclose))
         if self.tracing is not None:
-            await self.tracing.close()  # last: spans of the requests that just finished go out too
+            steps.append(("tracing", self.tracing.close))  # last: the spans of the last requests go out too
+        for name, step in steps:
+            try:
+                async with asyncio.timeout(_STOP_STEP_SECS):
+                    await step()
+            except TimeoutError:
+                _log.error("service.stop_step_timed_out", step=name, secs=_STOP_STEP_SECS)
+            except Exception as exc:
+                _log.error("service.stop_step_failed", step=name, error=f"{type(exc).__name__}: {exc}"[:300])
         _log.info("service.stopped")
 
 
