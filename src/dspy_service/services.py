@@ -178,9 +178,12 @@ class Services:
         if self.tracing is not None:
             steps.append(("tracing", self.tracing.close))  # last: the spans of the last requests go out too
         for name, step in steps:
+            began = time.monotonic()
             try:
                 async with asyncio.timeout(_STOP_STEP_SECS):
                     await step()
+                if (took := time.monotonic() - began) > 1.0:
+                    _log.warning("service.stop_step_slow", step=name, secs=round(took, 2))
             except TimeoutError:
                 _log.error("service.stop_step_timed_out", step=name, secs=_STOP_STEP_SECS)
             except Exception as exc:
