@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from tests.integration.conftest import ServiceFactory
 from tests.support.processes import RedisServer, Simulator, wait_until
@@ -68,7 +70,13 @@ def test_successful_requests_lines_can_be_sampled_and_errors_never_are(
         )
     bad = service.http.post("/v1/predict", json={"model": "nope", "input": "x"})
     assert bad.status_code == 404
-    lines = [line for line in service.log_lines() if line.get("event") == "request.completed"]
-    predict_lines = [line for line in lines if line.get("path") == "/v1/predict"]
-    assert [line["status"] for line in predict_lines] == [404]
-    assert predict_lines[0]["request_id"] == bad.headers["x-request-id"]
+
+    def predict_lines() -> list[dict[str, Any]]:
+        lines = [line for line in service.log_lines() if line.get("event") == "request.completed"]
+        return [line for line in lines if line.get("path") == "/v1/predict"]
+
+    # The line is written once the response has gone out: on a loaded machine, a moment after it.
+    wait_until(lambda: bool(predict_lines()), timeout=5, what="the error's access-log line")
+    time.sleep(0.2)  # and no other line after it
+    assert [line["status"] for line in predict_lines()] == [404]
+    assert predict_lines()[0]["request_id"] == bad.headers["x-request-id"]
