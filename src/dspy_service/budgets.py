@@ -18,7 +18,6 @@ is held locally too: if Redis did apply it, it is counted twice, on the safe sid
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from dspy_service.background import stop_task
 from dspy_service.errors import BudgetExceeded
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
@@ -93,6 +93,7 @@ class Budgets:
         self._reserve_script = link.client.register_script(_RESERVE) if link is not None else None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresh_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._day = ""
 
     def __bool__(self) -> bool:
@@ -285,15 +286,13 @@ class Budgets:
         await self.refresh()
 
     async def _refresh_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await self.refresh()
             await asyncio.sleep(self._refresh_secs)
 
     async def close(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh_task
+        self._stopping = True
+        await stop_task(self._refresh_task)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if not await self.flush():

@@ -12,11 +12,11 @@ token, so it is never counted twice (see redis_batches).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from dspy_service.background import stop_task
 from dspy_service.logs import get_logger
 from dspy_service.models_config import ModelSpec
 from dspy_service.redis_batches import BatchWriter, Command
@@ -166,6 +166,7 @@ class CostLedger:
         self._index = prefix + "costs-index"  # the set of row names
         self._writer = BatchWriter(link, "costs", self._increments) if link is not None else None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         # Run before each periodic flush: the epoch check (redis_epoch.py), so that a state Redis
         # emptied under a live connection is noticed before this replica's next flush lands in it.
         self.before_flush: Callable[[], Awaitable[None]] | None = None
@@ -234,10 +235,8 @@ class CostLedger:
             self._task = asyncio.get_running_loop().create_task(self._flush_forever(), name="costs-flush")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stopping = True
+        await stop_task(self._task)
         if not await self.flush():
             _log.warning(
                 "costs.unflushed", entries=len(self._unsent()), detail="Redis unreachable at shutdown"
@@ -247,7 +246,7 @@ class CostLedger:
         await self.flush()
 
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._interval)
             if self.before_flush is not None:
                 await self.before_flush()

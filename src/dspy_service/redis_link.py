@@ -26,6 +26,7 @@ from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dspy_service.background import stop_task
 from dspy_service.logs import get_logger
 from dspy_service.metrics import Metrics
 from dspy_service.redis_clients import NodeStatus, RedisClient, open_client, ping, reset, survey
@@ -199,10 +200,7 @@ class RedisLink:
     async def close(self) -> None:
         self._closed = True
         for task in (self._probe_task, self._survey_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
         with contextlib.suppress(*REDIS_FAILURES):
             await self.client.aclose()
 
