@@ -191,6 +191,10 @@ class Simulator:
             self.process.wait(timeout=10)
 
 
+class PortTaken(RuntimeError):
+    """The port chosen for a service was bound by another process before the service could."""
+
+
 class ServiceProcess:
     """`dspy-service serve` in its own process, configured only by the environment given.
 
@@ -205,6 +209,7 @@ class ServiceProcess:
         command: Sequence[str] | None = None,
     ) -> None:
         self.command = list(command or [sys.executable, "-m", "dspy_service.cli", "serve"])
+        self._own_port = "PORT" not in env  # ours to change if another process takes it first
         self.port = free_port()
         self.workdir = workdir
         self.log_path = workdir / f"{name}-{self.port}.log"
@@ -217,6 +222,21 @@ class ServiceProcess:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self, *, wait: bool = True) -> None:
+        # free_port() only finds a port free now: with tests running in parallel (make test runs two
+        # workers) another process may bind it before the service does. Then: another port.
+        for attempt in range(3):
+            try:
+                self._start(wait=wait)
+                return
+            except PortTaken:
+                if attempt == 2 or not self._own_port:
+                    raise
+                self.port = free_port()
+                self.env["PORT"] = str(self.port)
+                self.http.close()
+                self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def _start(self, *, wait: bool) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
                 self.command,
@@ -230,7 +250,10 @@ class ServiceProcess:
 
     def _ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log_text()}")
+            text = self.log_text()
+            if f"('{LOOPBACK}', {self.port}): address already in use" in text:
+                raise PortTaken(self.port)
+            raise RuntimeError(f"service exited with {self.process.returncode}:\n{text}")
         try:
             return self.http.get("/ready").status_code == 200
         except httpx.HTTPError:
