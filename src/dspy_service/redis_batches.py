@@ -93,7 +93,6 @@ class BatchWriter(Generic[BatchT]):
         self._in_doubt: tuple[str, BatchT] | None = None
         # (when confirmed, token, batch) of the batches confirmed lately, oldest first
         self._confirmed: deque[tuple[float, str, BatchT]] = deque(maxlen=RESEND_MAX_BATCHES)
-        self.recovered = 0  # confirmed batches found lost, and sent again
 
     @property
     def in_doubt(self) -> BatchT | None:
@@ -156,7 +155,6 @@ class BatchWriter(Generic[BatchT]):
                 if on_applied is not None:
                     await on_applied(batch, sent[2:])
         if recovered:
-            self.recovered += recovered
             self._link.metrics.redis_batches_recovered.labels(self._purpose).inc(recovered)
             _log.warning(
                 "redis.batches_recovered",

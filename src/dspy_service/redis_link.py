@@ -276,7 +276,9 @@ class RedisLink:
         while not self._closed:
             await asyncio.sleep(delay)
             try:
-                if await self._reconnect():
+                # Up, and still up once the listeners ran: a link that went down again meanwhile
+                # found this probe still running (so started none), and it must go on probing.
+                if await self._reconnect() and self.connected:
                     return
             except Exception as exc:  # the probe must outlive anything: it is what heals the link
                 _log.warning("redis.probe_failed", role=self.role, error=f"{type(exc).__name__}: {exc}"[:300])

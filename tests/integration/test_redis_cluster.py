@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from dspy_service.redis_link import state_prefix
 from tests.integration.conftest import TEST_API_KEY
-from tests.support.fleet_load import recovered_batches, run_load, wait_for_fleet_totals
+from tests.support.fleet_load import recovered_batches, run_load, two_replicas, wait_for_fleet_totals
 from tests.support.metrics_text import sample_value
 from tests.support.processes import ServiceProcess, Simulator
-from tests.support.redis_keys import STATE_PREFIX
 from tests.support.redis_topologies import RedisClusterProcesses
 
 pytestmark = pytest.mark.timeout(240)
@@ -44,16 +44,12 @@ def fleet(
         "LOG_FORMAT": "json",
         "COSTS_FLUSH_INTERVAL_SECS": "0.2",
     }
-    services = (ServiceProcess(env, tmp_path, "a"), ServiceProcess(env, tmp_path, "b"))
-    for service in services:
-        service.start()
-    yield services
-    for service in services:
-        service.stop()
+    with two_replicas(env, tmp_path) as services:
+        yield services
 
 
 def state_prefix_of(service: ServiceProcess) -> str:
-    return STATE_PREFIX.replace("{complete-production-service}", "{" + service.env["SERVICE_NAME"] + "}")
+    return state_prefix(service.env["SERVICE_NAME"])
 
 
 def test_cross_replica_hits_and_fleet_costs_through_the_cluster(
@@ -127,10 +123,7 @@ def test_budgets_and_rate_limits_hold_fleet_wide_on_a_cluster(
         "ADMIN_API_KEYS": "sk-cluster-operator-key-0002",
         "COSTS_FLUSH_INTERVAL_SECS": "0.2",
     }
-    a, b = ServiceProcess(env, tmp_path, "a"), ServiceProcess(env, tmp_path, "b")
-    for service in (a, b):
-        service.start()
-    try:
+    with two_replicas(env, tmp_path) as (a, b):
         headers = {"Authorization": "Bearer sk-cluster-client-key-0001"}
         statuses = []
         for n in range(8):
@@ -148,9 +141,6 @@ def test_budgets_and_rate_limits_hold_fleet_wide_on_a_cluster(
         for service in (a, b):
             page = service.http.get("/metrics", headers=operator).text
             assert sample_value(page, "dspy_redis_command_errors_total") == 0.0
-    finally:
-        for service in (a, b):
-            service.stop()
 
 
 def test_a_primary_killed_under_load_costs_no_request_and_no_spend(

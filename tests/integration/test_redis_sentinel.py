@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dspy_service.redis_link import state_prefix
 from tests.integration.conftest import TEST_API_KEY
-from tests.support.fleet_load import recovered_batches, run_load, wait_for_fleet_totals
+from tests.support.fleet_load import recovered_batches, run_load, two_replicas, wait_for_fleet_totals
 from tests.support.processes import ServiceProcess, Simulator, wait_until
 from tests.support.redis_topologies import SentinelGroup
 
@@ -41,12 +42,8 @@ def fleet(
         "LOG_FORMAT": "json",
         "COSTS_FLUSH_INTERVAL_SECS": "0.2",
     }
-    services = (ServiceProcess(env, tmp_path, "a"), ServiceProcess(env, tmp_path, "b"))
-    for service in services:
-        service.start()
-    yield services
-    for service in services:
-        service.stop()
+    with two_replicas(env, tmp_path) as services:
+        yield services
 
 
 def test_the_primary_is_found_through_the_sentinels(
@@ -99,7 +96,7 @@ def test_a_failover_under_load_costs_no_request_and_no_spend(
     )
     # The totals are on the new primary, where the sentinels send everyone now.
     row = sentinel_group.client(new[0]).hgetall(
-        "dspy-service:v1:{" + a.env["SERVICE_NAME"] + "}:costs:gpt-3.5-turbo:baseline"
+        state_prefix(a.env["SERVICE_NAME"]) + "costs:gpt-3.5-turbo:baseline"
     )
     assert int(row["total_requests"]) == load.requests
     for service in fleet:

@@ -3,13 +3,15 @@ against what the responses said was spent: for the Redis failover tests."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -90,6 +92,19 @@ def run_load(
             for future in running:
                 future.result()
     return result
+
+
+@contextlib.contextmanager
+def two_replicas(env: Mapping[str, str], workdir: Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    """Two replicas of one deployment, started with `env` and stopped afterwards."""
+    services = (ServiceProcess(env, workdir, "a"), ServiceProcess(env, workdir, "b"))
+    try:
+        for service in services:
+            service.start()
+        yield services
+    finally:
+        for service in services:
+            service.stop()
 
 
 def recovered_batches(services: Sequence[ServiceProcess]) -> float:
