@@ -297,24 +297,31 @@ def compute_ratios(results: BenchResults) -> list[Ratio]:
     ):
         if value is not None:
             ratios.append(Ratio(f"(baseline) {name}", value, target, higher, unit))
+    ratios += _receipt_ratios(rps, cpu, base)
     return ratios
 
 
 def _receipt_ratios(
-    rps: Callable[[str, int], float | None], cpu: Callable[[str, int], float | None]
+    rps: Callable[[str, int], float | None],
+    cpu: Callable[[str, int], float | None],
+    suffix: str = "",
 ) -> list[Ratio]:
     """The memory-hit ratio with a receipt kept for every prediction, and how far below the ratio
-    without receipts (same rounds, same bare app) it is: the issue's target is within 0.05."""
-    on = _divide(rps("memory_hit_receipts", 32), rps("bare", 32))
+    without receipts (same rounds, same bare app) it is: the issue's target is within 0.05.
+    `suffix` "@baseline": the same for the --baseline-src service."""
+    on = _divide(rps("memory_hit_receipts" + suffix, 32), rps("bare", 32))
     if on is None:
         return []
-    off = _divide(rps("memory_hit", 32), rps("bare", 32))
-    on_by_cpu = _divide(cpu("bare", 32), cpu("memory_hit_receipts", 32))
-    off_by_cpu = _divide(cpu("bare", 32), cpu("memory_hit", 32))
+    off = _divide(rps("memory_hit" + suffix, 32), rps("bare", 32))
+    on_by_cpu = _divide(cpu("bare", 32), cpu("memory_hit_receipts" + suffix, 32))
+    off_by_cpu = _divide(cpu("bare", 32), cpu("memory_hit" + suffix, 32))
+    prefix = "(baseline) " if suffix else ""
     return [
-        Ratio("memory hit, receipts on / bare app, req/s at 32 conns", on, 0.5, True, by_cpu=on_by_cpu),
         Ratio(
-            "memory hit / bare app: receipts off minus receipts on, 32 conns",
+            f"{prefix}memory hit, receipts on / bare app, req/s at 32 conns", on, 0.5, True, by_cpu=on_by_cpu
+        ),
+        Ratio(
+            f"{prefix}memory hit / bare app: receipts off minus receipts on, 32 conns",
             None if off is None else off - on,
             0.05,
             False,

@@ -659,7 +659,7 @@ def probe_dspy(bench: Bench, calls: int) -> None:
     _log(f"DSPy in isolation: {plain:.2f} ms CPU per call")
 
 
-def note_receipts(service: ServiceProcess, database: Path) -> str:
+def note_receipts(service: ServiceProcess, database: Path, *, baseline: bool = False) -> str:
     """What the receipts service kept of the memory hits it served: written, dropped (queue full)."""
     metrics = httpx.get(service.url + "/metrics", timeout=10).text
     dropped = sum(
@@ -669,9 +669,10 @@ def note_receipts(service: ServiceProcess, database: Path) -> str:
     )
     with contextlib.closing(sqlite3.connect(database)) as connection:
         written = int(connection.execute("SELECT count(*) FROM receipts").fetchone()[0])
+    which = " (baseline)" if baseline else ""
     return (
-        f"memory hit, receipts on: {written:,} receipts written to SQLite, {dropped:,.0f} dropped "
-        "(the writer's queue full) over the scenario's runs"
+        f"memory hit, receipts on{which}: {written:,} receipts written to SQLite, {dropped:,.0f} "
+        "dropped (the writer's queue full) over the scenario's runs"
     )
 
 
@@ -724,9 +725,17 @@ def run_all(options: Options, results: BenchResults) -> None:
                 base_redis_only = start(
                     bench.service(MEMORY_CACHE_SIZE="0", PYTHONPATH=str(options.baseline_src / "src"))
                 )
-        receipts = None
+        receipts = base_receipts = None
         if MEMORY_HIT_RECEIPTS.key in wanted:
             receipts = start(bench.service(FEEDBACK_ENABLED="true", DATA_DIR=str(workdir / "records")))
+            if options.baseline_src is not None:
+                base_receipts = start(
+                    bench.service(
+                        FEEDBACK_ENABLED="true",
+                        DATA_DIR=str(workdir / "records-baseline"),
+                        PYTHONPATH=str(options.baseline_src / "src"),
+                    )
+                )
         two_workers = None
         if wanted & {MEMORY_HIT_2W.key, MISS_0_2W.key, MISS_50_2W.key}:
             two_workers = start(bench.service(workers=2))
@@ -741,7 +750,7 @@ def run_all(options: Options, results: BenchResults) -> None:
         server_of: dict[str, tuple[Process | None, Process | None]] = {
             BARE.key: (bare, None),
             MEMORY_HIT.key: (service, base_service),
-            MEMORY_HIT_RECEIPTS.key: (receipts, None),
+            MEMORY_HIT_RECEIPTS.key: (receipts, base_receipts),
             REDIS_HIT.key: (redis_only, base_redis_only),
             MISS_0.key: (service, base_service),
             MISS_50.key: (service, base_service),
@@ -764,6 +773,10 @@ def run_all(options: Options, results: BenchResults) -> None:
         bench.measure(plan)
         if receipts is not None:
             results.notes.append(note_receipts(receipts, workdir / "records" / "records.db"))
+        if base_receipts is not None:
+            results.notes.append(
+                note_receipts(base_receipts, workdir / "records-baseline" / "records.db", baseline=True)
+            )
         if options.profile:
             for scenario in (MEMORY_HIT, MEMORY_HIT_RECEIPTS, REDIS_HIT, MISS_0, *MODULE_SCENARIOS):
                 server = server_of[scenario.key][0]

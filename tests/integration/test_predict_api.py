@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -88,11 +89,23 @@ def test_request_id_from_header_and_from_body(shared_service: ServiceProcess, si
     assert "latency_ms" in completed
 
 
-def test_generated_request_id_is_a_uuid(shared_service: ServiceProcess, sim: Simulator) -> None:
-    """Without any request ID a new UUID is made and echoed."""
-    response = shared_service.http.post("/v1/predict", json={"model": "gpt-4", "input": unique()})
-    uuid.UUID(response.json()["request_id"])
-    assert response.headers["x-request-id"] == response.json()["request_id"]
+def test_generated_request_id_is_a_time_ordered_uuid(shared_service: ServiceProcess, sim: Simulator) -> None:
+    """Without any request ID a new version 7 UUID is made and echoed: unique, and ordered by the
+    millisecond it was made in (what keeps the receipts' request-ID index cheap)."""
+    made: list[tuple[int, str]] = []
+    for _ in range(5):
+        before = time.time_ns() // 1_000_000
+        response = shared_service.http.post("/v1/predict", json={"model": "gpt-4", "input": unique()})
+        after = time.time_ns() // 1_000_000
+        request_id = response.json()["request_id"]
+        assert response.headers["x-request-id"] == request_id
+        parsed = uuid.UUID(request_id)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert before <= int(request_id[:12], 16) <= after  # its first 48 bits: the Unix time in ms
+        made.append((after, request_id))
+        time.sleep(0.002)
+    ids = [request_id for _, request_id in made]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
 def test_health_reports_components(shared_service: ServiceProcess) -> None:

@@ -187,6 +187,28 @@ async def test_receipts_are_written_in_batches(db_url: str) -> None:
         assert store.writer.dropped == {"receipt": 0, "prediction": 0, "feedback": 0}
 
 
+@pytest.mark.parametrize("size", [1, 49, 50, 51, 137, 500])
+async def test_batches_of_any_size_keep_every_receipt_in_order(size: int, tmp_path: Path) -> None:
+    """Receipts alone go to SQLite in multi-row INSERTs of CHUNK_ROWS, the rest in one more: on and
+    around the chunk's size each receipt is kept once, with its own values, numbered in the order
+    it came."""
+    url = f"sqlite:///{tmp_path}/records.db"
+    async with open_store(url, batch_size=size, flush_interval_secs=60) as store:
+        for i in range(size):
+            store.submit(receipt(f"r{i}", input_tokens=i, latency_ms=i / 4))
+        assert await store.writer.flush(10)
+        async with store.engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    select(ReceiptRow.request_id, ReceiptRow.input_tokens, ReceiptRow.latency_ms).order_by(
+                        ReceiptRow.id
+                    )
+                )
+            ).all()
+    assert [tuple(row) for row in rows] == [(f"r{i}", i, i / 4) for i in range(size)]
+    assert store.writer.written["receipt"] == size
+
+
 async def test_a_receipt_reads_back_as_it_was_whichever_way_it_was_written(db_url: str) -> None:
     """Receipts alone go to SQLite as plain tuples (the writer's fast path), receipts with a logged
     prediction through SQLAlchemy: both read back through the schema with the same values, the time

@@ -42,6 +42,9 @@ class Receipt:
     unmetered_calls: int = 0  # calls cut off before the provider reported their tokens
     latency_ms: float = 0.0
     created_at: float = field(default_factory=time.time)  # seconds since the epoch (time.time())
+    # What was asked and answered, when PREDICTION_LOG keeps this prediction (set by the writer:
+    # one object per record in its queue, not a pair, is one object less for the collector).
+    logged: LoggedPrediction | None = None
 
     def row(self) -> dict[str, Any]:
         """The receipts row (but its timestamp, which the writer converts)."""

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -31,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from dspy_service.logs import get_logger
 from dspy_service.records.entries import LoggedPrediction, Receipt
 from dspy_service.records.schema import PredictionRow, ReceiptRow
+from dspy_service.records.sqlite_receipts import insert_chunks
 
 _log = get_logger("dspy_service.records.writer")
 
@@ -40,8 +40,14 @@ FEEDBACK = "feedback"
 KINDS = (RECEIPT, PREDICTION, FEEDBACK)
 
 DropHook = Callable[[str, int], None]
-_Item = tuple[Receipt, LoggedPrediction | None]
-_Key = tuple[str, str | None]  # (request ID, tenant)
+# A request's key among the pending receipts: its ID, with its tenant when it has one (another
+# tenant's feedback must not make this one's receipt be written: the wait would tell it the ID).
+_Key = str | tuple[str, str]
+
+
+def _key(request_id: str, tenant: str | None) -> _Key:
+    return request_id if tenant is None else (request_id, tenant)
+
 
 _FIRST_RETRY_SECS = 0.05
 _MAX_RETRY_SECS = 2.0
@@ -92,62 +98,6 @@ async def _insert_receipts_returning_ids(
     return list(range(first, last + 1))
 
 
-_RECEIPT_COLUMNS = (
-    "request_id",
-    "tenant",
-    "source",
-    "model",
-    "model_served",
-    "variant",
-    "fingerprint",
-    "ok",
-    "error_type",
-    "cache_level",
-    "coalesced",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-    "cost_saved_usd",
-    "usage_by_model",
-    "unmetered_calls",
-    "latency_ms",
-    "created_at",
-)
-_SQLITE_INSERT = (
-    f"INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)}) VALUES ({', '.join('?' * len(_RECEIPT_COLUMNS))})"
-)
-_EMPTY_JSON = "{}"
-
-
-def _sqlite_row(receipt: Receipt) -> tuple[Any, ...]:
-    """A receipt as SQLite stores what SQLAlchemy would write: booleans as 0/1, JSON as text, the
-    time as naive UTC 'YYYY-MM-DD HH:MM:SS.ffffff' (what its DateTime type reads back)."""
-    usage = receipt.usage_by_model
-    created = receipt.created_at
-    seconds = int(created)
-    return (
-        receipt.request_id,
-        receipt.tenant,
-        receipt.source,
-        receipt.model,
-        receipt.model_served,
-        receipt.variant,
-        receipt.fingerprint,
-        1 if receipt.ok else 0,
-        receipt.error_type,
-        receipt.cache_level,
-        1 if receipt.coalesced else 0,
-        receipt.input_tokens,
-        receipt.output_tokens,
-        receipt.cost_usd,
-        receipt.cost_saved_usd,
-        orjson.dumps({name: u.to_json() for name, u in usage.items()}).decode() if usage else _EMPTY_JSON,
-        receipt.unmetered_calls,
-        receipt.latency_ms,
-        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) + f".{int((created - seconds) * 1e6):06d}",
-    )
-
-
 class RecordWriter:
     def __init__(
         self,
@@ -167,7 +117,7 @@ class RecordWriter:
         self._interval = flush_interval_secs
         self._retry_for = retry_for_secs
         self._on_dropped = on_dropped
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[Receipt] = deque()
         self._pending: dict[_Key, int] = {}  # queued or being written, by request
         self._submitted = 0  # records ever queued, and of those written or dropped: flush() waits on
         self._settled = 0
@@ -194,9 +144,11 @@ class RecordWriter:
                 if logged is not None:
                     self._count_dropped(PREDICTION, 1)
                 return
-            self._queue.append((receipt, logged))
+            if logged is not None:
+                receipt.logged = logged
+            self._queue.append(receipt)
             self._submitted += 1
-            key = (receipt.request_id, receipt.tenant)
+            key = _key(receipt.request_id, receipt.tenant)
             self._pending[key] = self._pending.get(key, 0) + 1
             if len(self._queue) == 1:
                 self._arrived.set()
@@ -225,7 +177,7 @@ class RecordWriter:
 
     def is_pending(self, request_id: str, tenant: str | None) -> bool:
         """Whether a receipt of this request is queued or being written right now."""
-        return (request_id, tenant) in self._pending
+        return _key(request_id, tenant) in self._pending
 
     async def flush(self, timeout_secs: float) -> bool:
         """Write everything submitted so far now; True when all of it is written or dropped within
@@ -300,7 +252,7 @@ class RecordWriter:
                 self._settle(batch, written=False, reason="unexpected_error")
             self._log_queue_full()
 
-    async def _write(self, batch: list[_Item]) -> None:
+    async def _write(self, batch: list[Receipt]) -> None:
         started = time.monotonic()
         delay = _FIRST_RETRY_SECS
         failures = 0
@@ -328,32 +280,31 @@ class RecordWriter:
                 self._settle(batch, written=True)
                 return
 
-    async def _write_one_by_one(self, batch: list[_Item]) -> None:
-        for item in batch:
+    async def _write_one_by_one(self, batch: list[Receipt]) -> None:
+        for receipt in batch:
             try:
-                await self._insert([item])
+                await self._insert([receipt])
             except Exception as exc:
-                _log.warning(
-                    "records.record_refused", request_id=item[0].request_id, error=type(exc).__name__
-                )
-                self._settle([item], written=False, reason="refused")
+                error = type(exc).__name__
+                _log.warning("records.record_refused", request_id=receipt.request_id, error=error)
+                self._settle([receipt], written=False, reason="refused")
             else:
-                self._settle([item], written=True)
+                self._settle([receipt], written=True)
 
-    async def _insert(self, batch: Sequence[_Item]) -> None:
-        if self._engine.dialect.name == "sqlite" and all(logged is None for _, logged in batch):
-            # The common case (receipts only, on the embedded default) as one executemany of plain
-            # tuples: SQLAlchemy's per-row parameter processing costs as much as SQLite's insert
-            # itself, on the event loop, and every memory hit writes a receipt (make bench).
+    async def _insert(self, batch: Sequence[Receipt]) -> None:
+        if self._engine.dialect.name == "sqlite" and all(receipt.logged is None for receipt in batch):
+            # The common case (receipts only, on the embedded default) without SQLAlchemy, in a few
+            # multi-row INSERTs (sqlite_receipts says why).
             async with self._engine.begin() as connection:
-                await connection.exec_driver_sql(_SQLITE_INSERT, [_sqlite_row(r) for r, _ in batch])
+                for statement, chunks in insert_chunks(batch):
+                    await connection.exec_driver_sql(statement, chunks)
             return
         rows: list[dict[str, Any]] = []
-        for receipt, _ in batch:
+        for receipt in batch:
             row = receipt.row()
             row["created_at"] = datetime.fromtimestamp(receipt.created_at, UTC)
             rows.append(row)
-        logged = [(index, entry) for index, (_, entry) in enumerate(batch) if entry is not None]
+        logged = [(i, entry) for i, receipt in enumerate(batch) if (entry := receipt.logged) is not None]
         async with self._engine.begin() as connection:
             if not logged:
                 await connection.execute(insert(ReceiptRow), rows)
@@ -367,11 +318,11 @@ class RecordWriter:
                 ],
             )
 
-    def _settle(self, items: Sequence[_Item], *, written: bool, reason: str = "") -> None:
+    def _settle(self, items: Sequence[Receipt], *, written: bool, reason: str = "") -> None:
         receipts = len(items)
-        predictions = sum(1 for _, logged in items if logged is not None)
-        for receipt, _ in items:
-            key = (receipt.request_id, receipt.tenant)
+        predictions = sum(1 for receipt in items if receipt.logged is not None)
+        for receipt in items:
+            key = _key(receipt.request_id, receipt.tenant)
             left = self._pending.get(key, 0) - 1
             if left > 0:
                 self._pending[key] = left
