@@ -187,11 +187,10 @@ async def test_receipts_are_written_in_batches(db_url: str) -> None:
         assert store.writer.dropped == {"receipt": 0, "prediction": 0, "feedback": 0}
 
 
-@pytest.mark.parametrize("size", [1, 49, 50, 51, 137, 500])
+@pytest.mark.parametrize("size", [1, 9, 10, 49, 50, 51, 137, 500])
 async def test_batches_of_any_size_keep_every_receipt_in_order(size: int, tmp_path: Path) -> None:
-    """Receipts alone go to SQLite in multi-row INSERTs of CHUNK_ROWS, the rest in one more: on and
-    around the chunk's size each receipt is kept once, with its own values, numbered in the order
-    it came."""
+    """Receipts alone go to SQLite in multi-row INSERTs of 50, 10 and 1 rows: on and around those
+    sizes each receipt is kept once, with its own values, numbered in the order it came."""
     url = f"sqlite:///{tmp_path}/records.db"
     async with open_store(url, batch_size=size, flush_interval_secs=60) as store:
         for i in range(size):

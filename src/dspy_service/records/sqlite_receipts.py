@@ -7,14 +7,13 @@ measures. By hand because no library does it cheaply enough:
   loop: the rows are built here as plain values, as SQLAlchemy would store them.
 - An executemany of one-row INSERTs binds and steps one row at a time, and Python's sqlite3
   releases the GIL around each step: two GIL hand-overs per row between aiosqlite's thread and a
-  busy event loop. Here a batch is an executemany of 50-row INSERTs (and one INSERT for the rest),
-  so a step without the GIL takes 50 rows: in one `make bench` run with --baseline-src, 1.5 us less
-  CPU per receipt in aiosqlite's thread (5.4-6.9 us against 6.8-8.7 us).
+  busy event loop. Here a batch is an executemany of 50-row INSERTs (then of 10-row and one-row
+  ones for the rest), so a step without the GIL takes 50 rows: in one `make bench` run with
+  --baseline-src, 1.5 us less CPU per receipt in aiosqlite's thread (5.4-6.9 us against 6.8-8.7).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -44,27 +43,38 @@ COLUMNS = (
     "latency_ms",
     "created_at",
 )
-# 50 rows of 19 values: within the 999 values a statement may bind before SQLite 3.32.
-CHUNK_ROWS = 50
 _ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
 _EMPTY_JSON = "{}"
 
 
-@functools.lru_cache(maxsize=CHUNK_ROWS)
 def insert_statement(rows: int) -> str:
     return f"INSERT INTO receipts ({', '.join(COLUMNS)}) VALUES " + ", ".join([_ROW_PLACEHOLDERS] * rows)
 
 
+# Rows per INSERT, largest first: 50 rows of 19 values stay within the 999 values a statement may
+# bind before SQLite 3.32. Three sizes, so three statements serve every batch size, each prepared
+# once (sqlite3 keeps them in its statement cache); a statement sized to each remainder would be
+# prepared anew for most batches.
+CHUNK_ROWS = (50, 10, 1)
+_STATEMENTS = {rows: insert_statement(rows) for rows in CHUNK_ROWS}
+
+
 def insert_chunks(receipts: Sequence[Receipt]) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
-    """The statements, each with its chunks of flat values, that insert `receipts` in order: the
-    full chunks of CHUNK_ROWS under one statement (one executemany), then the rest in one more."""
-    width = len(COLUMNS) * CHUNK_ROWS
+    """The statements, each with its chunks of flat values, that insert `receipts` in order: as
+    many 50-row chunks as fit under one statement (one executemany), then 10-row ones, then rows."""
     values = flat_values(receipts)
-    full = len(receipts) // CHUNK_ROWS
-    if full:
-        yield insert_statement(CHUNK_ROWS), [tuple(values[i * width : (i + 1) * width]) for i in range(full)]
-    if rest := len(receipts) - full * CHUNK_ROWS:
-        yield insert_statement(rest), [tuple(values[full * width :])]
+    width = len(COLUMNS)
+    start = 0
+    left = len(receipts)
+    for rows in CHUNK_ROWS:
+        if count := left // rows:
+            step = rows * width
+            yield (
+                _STATEMENTS[rows],
+                [tuple(values[start + i * step : start + (i + 1) * step]) for i in range(count)],
+            )
+            start += count * step
+            left -= count * rows
 
 
 def flat_values(receipts: Iterable[Receipt]) -> list[Any]:
