@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import random
+import time
 from typing import Literal
 
 from dspy_service.errors import ServiceError
@@ -108,23 +109,7 @@ class Recorder:
     def answered(self, request: PredictionInput, route: Route, result: Prediction) -> None:
         if request.request_id is None:
             return
-        receipt = Receipt(
-            request_id=request.request_id,
-            model=request.model,
-            model_served=result.model_served,
-            variant=result.variant,
-            fingerprint=route.program.fingerprint,
-            tenant=request.tenant,
-            source=request.source,
-            cache_level=result.cache_level,
-            coalesced=result.coalesced,
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            cost_usd=result.cost_usd,
-            cost_saved_usd=result.cost_saved_usd,
-            usage_by_model=result.usage_by_model,
-            latency_ms=result.latency_ms,
-        )
+        receipt = answered_receipt(request.request_id, request, route, result)
         logged = None
         if self._log_mode == "all" or (
             self._log_mode == "sampled" and self._random.random() < self._sample_rate
@@ -153,6 +138,33 @@ class Recorder:
                 latency_ms=latency_ms,
             )
         )
+
+
+def answered_receipt(request_id: str, request: PredictionInput, route: Route, result: Prediction) -> Receipt:
+    """The receipt of an answered prediction. By position, unlike everywhere else: this runs for
+    every answer, a memory hit included, and a dataclass's __init__ takes 15 keywords at 2.6 times
+    the cost of 15 positions (entries.py). Keep the order of Receipt's fields."""
+    return Receipt(
+        request_id,
+        request.model,
+        result.model_served,
+        result.variant,
+        route.program.fingerprint,
+        request.tenant,
+        request.source,
+        True,  # ok
+        None,  # error_type
+        result.cache_level,
+        result.coalesced,
+        result.input_tokens,
+        result.output_tokens,
+        result.cost_usd,
+        result.cost_saved_usd,
+        result.usage_by_model,
+        0,  # unmetered_calls
+        result.latency_ms,
+        time.time(),  # created_at
+    )
 
 
 # Failures after which what was spent is not known (the provider may have run the call).

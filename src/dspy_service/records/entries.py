@@ -2,7 +2,9 @@
 
 Built on every prediction (a memory hit included), so they stay cheap: not frozen (a frozen
 dataclass sets each field through object.__setattr__), and converted to rows only in the writer's
-background task.
+background task. A Receipt also takes its fields by position, for the one place on the request
+path that builds it for every answer (recording.answered_receipt): 0.36 us against 0.93 us by
+keywords, for its 15 fields.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dspy_service.results import ModelUsage
 Source = Literal["predict", "batch", "stream"]
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Receipt:
     """One prediction, answered or failed (`ok`, `error_type`)."""
 

@@ -14,6 +14,7 @@ measures. By hand because no library does it cheaply enough:
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -43,6 +44,20 @@ COLUMNS = (
     "latency_ms",
     "created_at",
 )
+
+
+def _bind_none(value: None) -> None:
+    return value
+
+
+# Python's sqlite3 binds an int, a float or a str at once but sends any other value, None included,
+# through its adaptation protocol first: with no adapter for None, that is two failed attribute
+# lookups (`__adapt__`, `__conform__`), each raising and clearing an AttributeError: 350 ns per NULL
+# here against 70 for an integer, 170 with this adapter found. A receipt has two or three NULLs (no
+# tenant, no error). The adapter returns None itself, so every sqlite3 connection of the process
+# (SQLAlchemy's included) still binds a NULL.
+sqlite3.register_adapter(type(None), _bind_none)
+
 _ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
 _EMPTY_JSON = "{}"
 
