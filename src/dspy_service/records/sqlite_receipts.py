@@ -77,7 +77,7 @@ CHUNK_ROWS = (50, 10, 1)
 class _Layout:
     """One INSERT of `rows` rows in which the columns `shared` take one value for all the rows (bound
     once, as ?1, ?2, ...: SQLite copies it into each row without another bind), the others one per
-    row. `pick` takes a chunk's per-row values, in the statement's order, from its flat values."""
+    row. `pick` takes a chunk's parameters, in the statement's order, from its flat values."""
 
     def __init__(self, rows: int, shared: tuple[int, ...]) -> None:
         own = [k for k in range(_WIDTH) if k not in shared]
@@ -94,8 +94,8 @@ class _Layout:
                     next_number += 1
             placeholders.append("(" + ", ".join(cells) + ")")
         self.statement = f"INSERT INTO receipts ({', '.join(COLUMNS)}) VALUES " + ", ".join(placeholders)
-        self.shared = shared
-        self.pick = operator.itemgetter(*[row * _WIDTH + k for row in range(rows) for k in own])
+        # The shared values (from the first row), then each row's own: one C call per chunk.
+        self.pick = operator.itemgetter(*shared, *[row * _WIDTH + k for row in range(rows) for k in own])
 
 
 _LAYOUTS: dict[tuple[int, tuple[int, ...]], _Layout] = {}
@@ -114,7 +114,7 @@ def insert_chunks(receipts: Sequence[Receipt]) -> Iterator[tuple[str, list[tuple
     """The statements, each with its chunks' values, that insert `receipts` in order: as many
     50-row chunks as fit under one statement (one executemany), then 10-row ones, then rows.
 
-    A column whose value is the same within every chunk of a size (most of them, for a run of
+    A column whose value is the same over all the rows of a size (most of them, for a run of
     memory hits: the model, variant, tokens, cost...) is bound once per chunk, not once per row:
     binding is most of what a receipt costs Python's sqlite3 (a text value is encoded, copied and
     freed each time)."""
@@ -126,18 +126,16 @@ def insert_chunks(receipts: Sequence[Receipt]) -> Iterator[tuple[str, list[tuple
         if not count:
             continue
         step = rows * _WIDTH
-        chunks = [values[start + i * step : start + (i + 1) * step] for i in range(count)]
+        end = start + count * step
+        # Shared: one value over all the rows of this size (a run of memory hits), whichever chunk.
         shared = (
-            tuple(k for k in _SHAREABLE if all(len(set(chunk[k::_WIDTH])) == 1 for chunk in chunks))
+            tuple(k for k in _SHAREABLE if len(set(values[start + k : end : _WIDTH])) == 1)
             if rows > 1
             else ()
         )
         layout = _layout(rows, shared)
         pick = layout.pick
-        yield (
-            layout.statement,
-            [tuple(chunk[k] for k in shared) + pick(chunk) for chunk in chunks],
-        )
+        yield layout.statement, [pick(values[offset : offset + step]) for offset in range(start, end, step)]
         start += count * step
         left -= count * rows
 
