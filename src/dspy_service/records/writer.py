@@ -40,14 +40,7 @@ FEEDBACK = "feedback"
 KINDS = (RECEIPT, PREDICTION, FEEDBACK)
 
 DropHook = Callable[[str, int], None]
-# A request's key among the pending receipts: its ID, with its tenant when it has one (another
-# tenant's feedback must not make this one's receipt be written: the wait would tell it the ID).
-_Key = str | tuple[str, str]
-
-
-def _key(request_id: str, tenant: str | None) -> _Key:
-    return request_id if tenant is None else (request_id, tenant)
-
+_Key = tuple[str, str | None]  # (request ID, tenant)
 
 _FIRST_RETRY_SECS = 0.05
 _MAX_RETRY_SECS = 2.0
@@ -148,7 +141,7 @@ class RecordWriter:
                 receipt.logged = logged
             self._queue.append(receipt)
             self._submitted += 1
-            key = _key(receipt.request_id, receipt.tenant)
+            key = (receipt.request_id, receipt.tenant)
             self._pending[key] = self._pending.get(key, 0) + 1
             if len(self._queue) == 1:
                 self._arrived.set()
@@ -177,7 +170,7 @@ class RecordWriter:
 
     def is_pending(self, request_id: str, tenant: str | None) -> bool:
         """Whether a receipt of this request is queued or being written right now."""
-        return _key(request_id, tenant) in self._pending
+        return (request_id, tenant) in self._pending
 
     async def flush(self, timeout_secs: float) -> bool:
         """Write everything submitted so far now; True when all of it is written or dropped within
@@ -322,7 +315,7 @@ class RecordWriter:
         receipts = len(items)
         predictions = sum(1 for receipt in items if receipt.logged is not None)
         for receipt in items:
-            key = _key(receipt.request_id, receipt.tenant)
+            key = (receipt.request_id, receipt.tenant)
             left = self._pending.get(key, 0) - 1
             if left > 0:
                 self._pending[key] = left
