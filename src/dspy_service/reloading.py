@@ -213,8 +213,8 @@ class ProgramReloader:
 def _collect_and_freeze() -> tuple[int, float]:
     """Free the retired programs and freeze what lives on; the objects freed and the seconds taken.
 
-    Start-up froze everything it built (serving.py: the collector then stops scanning it), the old
-    programs included: frozen, they could never be freed (they hold cycles), with whatever their
+    Start-up froze everything it built (app.py's lifespan: the collector then stops scanning it),
+    the old programs included: frozen, they could never be freed (they hold cycles), with whatever their
     modules loaded. Unfrozen, they are collected, and the new set is frozen in their place. The
     price is one full collection per reload, which stops every thread: 60-140 ms measured here
     with the example program, once, when the old set retires (seconds after the swap)."""

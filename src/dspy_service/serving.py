@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import socket
 import sys
@@ -224,13 +223,6 @@ async def serve(
         if hangups.received:  # one came during start-up: the file may have changed since it was read
             reloader.request()
 
-    # Everything built so far (DSPy, pydantic's schemas, the programs: ~100,000 objects) lives as
-    # long as the process. Frozen, the collector stops scanning it on every full collection, which
-    # took ~30 ms each under load: miss p99 at 32 connections 73 -> 37 ms (provider 0 ms), 94 -> 81
-    # ms (50 ms), in one bench run with --baseline-src. (A reload frees the programs it replaces
-    # and freezes their successors: reloading.py.)
-    gc.collect()
-    gc.freeze()
     config = uvicorn.Config(
         app,
         host=settings.host,

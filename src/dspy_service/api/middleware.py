@@ -38,8 +38,8 @@ def new_request_id() -> str:
 
     Time-ordered on purpose: the receipts table indexes request IDs, and a B-tree takes keys that
     come in order at its right edge, a page written per few dozen receipts, where random ones land
-    each on another page (a page read and written per receipt: most of a receipt's cost on SQLite,
-    measured by `make bench`)."""
+    each on another page (a page read and written per receipt: the writer thread's CPU per receipt
+    went from 11-22 us to 5-7 us, docs/scaling.md)."""
     raw = os.urandom(10).hex()
     return f"{time.time_ns() // 1_000_000:012x}7{raw[:3]}{_VARIANT_NIBBLE[int(raw[3], 16) & 3]}{raw[4:19]}"
 
