@@ -29,7 +29,7 @@ def test_an_answered_receipt_takes_each_field_from_where_it_belongs() -> None:
         model_served="gpt-3.5-turbo",
         variant="tuned",
         cache_level="redis",
-        coalesced=True,
+        coalesced=False,  # unlike ok: the two booleans cannot trade places unseen
         input_tokens=11,
         output_tokens=12,
         cost_usd=0.25,
@@ -50,7 +50,7 @@ def test_an_answered_receipt_takes_each_field_from_where_it_belongs() -> None:
         ok=True,
         error_type=None,
         cache_level="redis",
-        coalesced=True,
+        coalesced=False,  # unlike ok: the two booleans cannot trade places unseen
         input_tokens=11,
         output_tokens=12,
         cost_usd=0.25,
@@ -99,6 +99,9 @@ def varied(i: int) -> Receipt:
         cache_level="memory" if i < 100 else None,
         input_tokens=0 if i < 100 else i,
         cost_usd=0.0 if i % 13 else None,
+        usage_by_model={}
+        if i < 100
+        else {"m": ModelUsage(calls=1, input_tokens=i, output_tokens=2, cost_usd=0.5)},
         latency_ms=i / 8,
         created_at=1_764_590_400 + i / 1000,
     )
@@ -129,7 +132,7 @@ def test_chunks_write_every_value_of_every_row(size: int, tmp_path: Path) -> Non
         seconds = int(receipt.created_at)
         micros = int((receipt.created_at - seconds) * 1e6)
         assert row.created_at == datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=micros)
-        assert row.usage_by_model == {}
+        assert row.usage_by_model == {name: usage.to_json() for name, usage in receipt.usage_by_model.items()}
     alike = [Receipt(request_id=f"r{i}", model="m", model_served="m", variant="v") for i in range(50)]
     [(_, [values])] = insert_chunks(alike)  # 50 memory hits alike: 16 values once, 3 per row
     assert len(values) == 16 + 3 * 50
